@@ -1,0 +1,55 @@
+"""The ``relufit`` command line. Click commands only: parse, call one function, print.
+
+This is the only module that imports click. Each command delegates to one function
+elsewhere; ``main`` is the one place that turns relufit's exceptions into exit codes.
+Sections below are owned by areas of the code base; add commands inside your section.
+"""
+
+from __future__ import annotations
+
+import click
+
+from orchestrator import __version__
+from orchestrator.errors import RelufitError
+
+
+class _Cli(click.Group):
+    """The one place where relufit's exceptions become a one-line error and an exit code."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except RelufitError as e:
+            err = click.ClickException(str(e))
+            err.exit_code = e.exit_code
+            raise err from e
+        except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="relufit")
+def cli() -> None:
+    """relufit: fit a ReLU with distributed, QSGD-compressed SGD.
+
+    Locally with worker processes, over SSH on machines you have, on emulated
+    hosts in network namespaces, or on EC2 clusters it provisions and tears down.
+    """
+
+
+def echo_progress(line: str) -> None:
+    """Progress lines go to stderr so stdout stays parseable."""
+    click.echo(line, err=True)
+
+
+# ---------------------------------------------------------------- run (core)
+# ---------------------------------------------------------------- agent (engine)
+# ---------------------------------------------------------------- report
+# ---------------------------------------------------------------- cluster (ec2, hosts, netns)
+# ---------------------------------------------------------------- deploy / fetch / logs / stop / ami
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="relufit")

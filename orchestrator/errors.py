@@ -1,0 +1,37 @@
+"""Small structured exceptions; cli.main is the one place that turns them into exit codes."""
+
+from __future__ import annotations
+
+
+class RelufitError(Exception):
+    """A failure the user can act on. ``str()`` is the one-line message shown to them."""
+
+    exit_code = 1
+
+
+class ConfigError(RelufitError):
+    """Bad user input in an experiment, cluster or hosts file, or a --set override."""
+
+    exit_code = 2
+
+    def __init__(self, key: str, why: str):
+        self.key = key
+        self.why = why
+        super().__init__(f"{key}: {why}" if key else why)
+
+
+class CloudError(RelufitError):
+    """An AWS call failed in a way the user can fix (credentials, quota, capacity...)."""
+
+
+class SSHError(RelufitError):
+    """A failure on one host, printed as ``[host] message``."""
+
+    def __init__(self, host: str, message: str):
+        self.host = host
+        self.message = message
+        super().__init__(f"[{host}] {message}")
+
+
+class RunError(RelufitError):
+    """A run could not start or finish (workers did not connect, a backend failed)."""
