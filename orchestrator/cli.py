@@ -44,6 +44,26 @@ def echo_progress(line: str) -> None:
 
 
 # ---------------------------------------------------------------- run (core)
+
+
+@cli.command()
+@click.argument("experiment_file", type=click.Path(dir_okay=False))
+@click.option("--backend", "-b", default=None, help="sim or local (default: local).")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override any key of the experiment file; repeatable.")
+@click.option("--out", default="results", show_default=True, type=click.Path(file_okay=False),
+              help="Where run directories are written.")
+def run(experiment_file: str, backend: str | None, overrides: tuple[str, ...], out: str) -> None:
+    """Run EXPERIMENT_FILE (TOML): every trial of its sweep, written to OUT/<run-id>/."""
+    from orchestrator.config import load_experiment
+    from orchestrator.providers import DEFAULT_BACKEND, open_pool
+    from orchestrator.runner import run_experiment
+
+    exp = load_experiment(experiment_file, list(overrides))
+    backend = backend or DEFAULT_BACKEND
+    with open_pool(backend, exp) as pool:
+        path = run_experiment(exp, pool, out, backend, progress=echo_progress)
+    click.echo(str(path))
 # ---------------------------------------------------------------- agent (engine)
 # ---------------------------------------------------------------- report
 # ---------------------------------------------------------------- cluster (ec2, hosts, netns)

@@ -1,0 +1,106 @@
+"""Run an ``Experiment`` on a worker pool: every trial of the sweep through ``run_trial``,
+written to a run directory as it goes, with progress a person can follow.
+
+Backends differ only in the pool they hand in (see ``orchestrator.providers``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from orchestrator.config import Experiment, Trial
+from orchestrator.results import RunWriter, new_run_id
+from orchestrator.trial import RoundRow, TrialInterrupted, TrialResult, WorkerPool, run_trial
+
+Progress = Callable[[str], None]
+
+
+def describe(trial: Trial) -> str:
+    s = trial.spec
+    comp = "fp32" if s.scheme == "none" else f"qsgd s={s.levels} {s.coding}"
+    if s.scheme == "qsgd" and s.bucket_size:
+        comp += f" b={s.bucket_size}"
+    swept = " ".join(
+        " ".join(f"{k}.{x}={y}" for x, y in v.items()) if isinstance(v, dict) else f"{k}={v}"
+        for k, v in trial.params.items()
+    )
+    return f"d={s.d} n={s.n} M={s.workers} {s.topology} {comp}" + (f" [{swept}]" if swept else "")
+
+
+class _RoundPrinter:
+    """At most a few lines per second: trial, round, rel_error, MB sent."""
+
+    def __init__(self, progress: Progress, label: str, total: int, every_s: float = 0.5):
+        self.progress, self.label, self.total, self.every_s = progress, label, total, every_s
+        self.last = 0.0
+        self.mb = 0.0
+
+    def __call__(self, row: RoundRow) -> None:
+        self.mb += (row.bytes_up + row.bytes_down) / 1e6
+        now = time.monotonic()
+        if now - self.last >= self.every_s:
+            self.last = now
+            self.progress(
+                f"  {self.label} round {row.round + 1}/{self.total}  rel_error {row.rel_error:.3e}"
+                f"  sent {self.mb:.2f} MB  workers {row.workers}"
+            )
+
+
+def run_experiment(
+    exp: Experiment,
+    pool: WorkerPool,
+    out: str | Path,
+    backend: str,
+    progress: Progress = print,
+    run_id: str | None = None,
+) -> Path:
+    """Run every trial; return the run directory. Ctrl-C marks the current trial
+    ``interrupted``, keeps every completed round on disk, and re-raises."""
+    trials = exp.trials()
+    meta = {"experiment": exp.name, "backend": backend, "trials_planned": len(trials)}
+    with RunWriter(out, run_id or new_run_id(exp.name), exp.to_toml(), meta) as writer:
+        progress(f"run {writer.run_id}: {len(trials)} trial(s) on backend {backend} -> {writer.path}")
+        writer.event(f"run started: {exp.name}, {len(trials)} trials, backend {backend}")
+        status = "completed"
+        try:
+            for trial in trials:
+                label = f"trial {trial.index + 1}/{len(trials)}"
+                progress(f"{label}: {describe(trial)}")
+                printer = _RoundPrinter(progress, label, trial.spec.rounds)
+
+                def on_round(row: RoundRow, printer: _RoundPrinter = printer) -> None:
+                    writer.row(row)
+                    printer(row)
+
+                try:
+                    res = run_trial(
+                        trial.spec, pool, on_round, writer.event, exp.cluster.on_worker_loss
+                    )
+                except TrialInterrupted as stop:
+                    _record(writer, trial, stop.result, progress, label)
+                    status = "interrupted"
+                    raise
+                _record(writer, trial, res, progress, label)
+                if res.status == "failed":
+                    status = "failed"
+        except KeyboardInterrupt:
+            status = "interrupted"
+            writer.event("run interrupted by the user")
+            raise
+        finally:
+            writer.finish(status)
+            writer.event(f"run {status}")
+        return writer.path
+
+
+def _record(writer: RunWriter, trial: Trial, res: TrialResult, progress: Progress, label: str) -> None:
+    writer.trial_done(trial.index, trial.params, trial.spec.to_dict(), res)
+    mb = (res.total_bytes_up + res.total_bytes_down) / 1e6
+    line = (
+        f"{label}: {res.status} after {res.rounds} rounds, rel_error {res.final_rel_error:.3e},"
+        f" {mb:.2f} MB, {res.wall_time_s:.2f} s"
+    )
+    progress(line + (f" ({res.reason})" if res.reason else ""))
+    writer.event(line)

@@ -1,0 +1,185 @@
+"""One worker's share of a trial, with no I/O: the same code serves ``sim`` and every agent.
+
+A ``TrialSpec`` says everything a worker needs (it crosses the wire as JSON and is
+validated here, since it may come from the network). A ``WorkerNode`` holds the
+worker's shard and generators and turns weights into an encoded gradient. The
+aggregation (decode, average in rank order) lives here too, because in the
+``allgather`` topology every worker applies it to its own replica and must get the
+bit-identical result the master gets.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+
+from worker import relu
+
+SCHEMES = ("none", "qsgd")
+CODINGS = ("elias", "fixed")
+TOPOLOGIES = ("ps", "allgather")
+MAX_D = 1 << 28
+
+
+class SpecError(ValueError):
+    """A trial spec that cannot be run (bad value, or a malformed one from the wire)."""
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """What one trial computes; identical on the master and on every worker."""
+
+    trial: int = 0
+    d: int = 100
+    n: int = 4000
+    seed: int = 0
+    rounds: int = 300
+    batch_size: int = 32
+    lr: float = 0.5
+    target_rel_error: float = 1e-6
+    scheme: str = "qsgd"
+    levels: int = 4
+    coding: str = "elias"
+    bucket_size: int = 0
+    workers: int = 4
+    topology: str = "ps"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> TrialSpec:
+        """Build and validate a spec from untrusted JSON; raises SpecError."""
+        if not isinstance(raw, dict):
+            raise SpecError("trial spec must be a JSON object")
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(raw) - set(known))
+        if unknown:
+            raise SpecError(f"unknown trial spec keys: {', '.join(unknown)}")
+        values = {}
+        for name, f in known.items():
+            if name not in raw:
+                continue
+            v = raw[name]
+            want = {"int": int, "float": float, "str": str}[f.type]
+            if want is float and isinstance(v, int) and not isinstance(v, bool):
+                v = float(v)
+            if not isinstance(v, want) or isinstance(v, bool):
+                raise SpecError(f"trial spec {name} must be {f.type}, got {v!r}")
+            values[name] = v
+        spec = cls(**values)
+        spec.validate()
+        return spec
+
+    def validate(self) -> None:
+        checks = [
+            (1 <= self.d <= MAX_D, "d", f"must be in 1..{MAX_D}"),
+            (self.n >= 0, "n", "must be >= 0 (0: fresh samples every round)"),
+            (self.rounds >= 1, "rounds", "must be >= 1"),
+            (self.batch_size >= 1, "batch_size", "must be >= 1"),
+            (np.isfinite(self.lr) and self.lr > 0, "lr", "must be a positive number"),
+            (self.target_rel_error >= 0, "target_rel_error", "must be >= 0 (0: never stop early)"),
+            (self.scheme in SCHEMES, "scheme", f"must be one of {SCHEMES}"),
+            (self.levels >= 1, "levels", "must be >= 1"),
+            (self.coding in CODINGS, "coding", f"must be one of {CODINGS}"),
+            (self.bucket_size >= 0, "bucket_size", "must be >= 0 (0: one bucket)"),
+            (self.workers >= 1, "workers", "must be >= 1"),
+            (self.topology in TOPOLOGIES, "topology", f"must be one of {TOPOLOGIES}"),
+            (self.n == 0 or self.n >= self.workers, "n", "must be 0 or at least the worker count"),
+        ]
+        for ok, name, why in checks:
+            if not ok:
+                raise SpecError(f"{name} {why}, got {getattr(self, name)!r}")
+
+
+# ---------------------------------------------------------------- payloads
+
+
+def encode_weights(w: np.ndarray) -> bytes:
+    """Weights go down as little-endian float32."""
+    return np.asarray(w, dtype="<f4").tobytes()
+
+
+def decode_weights(payload: bytes | memoryview, d: int) -> np.ndarray:
+    if len(payload) != 4 * d:
+        raise SpecError(f"weights payload has {len(payload)} bytes, expected {4 * d}")
+    return np.frombuffer(payload, dtype="<f4").astype(np.float64)
+
+
+def encode_gradient(g: np.ndarray, spec: TrialSpec, rng: np.random.Generator) -> bytes:
+    """float32 for scheme 'none'; QSGD's self-describing payload for 'qsgd'."""
+    if spec.scheme == "none":
+        return np.asarray(g, dtype="<f4").tobytes()
+    from worker import qsgd
+
+    q = qsgd.quantize(g, spec.levels, rng, bucket_size=spec.bucket_size or None)
+    return qsgd.encode(q, coding=spec.coding)
+
+
+def decode_gradient(payload: bytes | memoryview, spec: TrialSpec) -> np.ndarray:
+    """Raises ValueError (qsgd.CodecError or SpecError) on a payload that does not fit."""
+    if spec.scheme == "none":
+        return decode_weights(payload, spec.d)
+    from worker import qsgd
+
+    q = qsgd.decode(bytes(payload))
+    if q.d != spec.d or q.levels != spec.levels:
+        raise SpecError(f"gradient payload is for d={q.d}, s={q.levels}; trial has d={spec.d}")
+    return qsgd.dequantize(q)
+
+
+def aggregate(payloads: list[bytes], spec: TrialSpec) -> np.ndarray:
+    """Mean of the decoded gradients, summed in the order given (rank order)."""
+    total = np.zeros(spec.d)
+    for p in payloads:
+        total += decode_gradient(p, spec)
+    return total / len(payloads)
+
+
+# ---------------------------------------------------------------- the worker
+
+
+@dataclass
+class StepResult:
+    payload: bytes
+    compute_s: float
+    encode_s: float
+
+
+class WorkerNode:
+    """A worker's shard, generators and (for allgather) its replica of the weights."""
+
+    def __init__(self, spec: TrialSpec, rank: int):
+        if not 0 <= rank < spec.workers:
+            raise SpecError(f"rank {rank} out of range for {spec.workers} workers")
+        self.spec, self.rank = spec, rank
+        self.w_star = relu.planted_weights(spec.d, spec.seed)
+        self.batch_rng = relu.batch_rng(spec.seed, rank)
+        self.quant_rng = relu.quant_rng(spec.seed, rank)
+        if spec.n > 0:
+            self.X, self.y = relu.shard(spec.d, spec.n, spec.seed, rank, spec.workers)
+        self.w = np.zeros(spec.d)  # replica, used by the allgather topology
+
+    def gradient(self, w: np.ndarray, round_: int) -> np.ndarray:
+        s = self.spec
+        if s.n == 0:
+            Xb, yb = relu.online_batch(s.d, s.seed, self.rank, round_, s.batch_size)
+        else:
+            Xb, yb = relu.minibatch(self.X, self.y, s.batch_size, self.batch_rng)
+        return relu.gradient(w, Xb, yb)
+
+    def step(self, w: np.ndarray, round_: int) -> StepResult:
+        """Mini-batch gradient at ``w``, encoded for the wire, with its timings."""
+        t0 = time.perf_counter()
+        g = self.gradient(w, round_)
+        t1 = time.perf_counter()
+        payload = encode_gradient(g, self.spec, self.quant_rng)
+        return StepResult(payload, t1 - t0, time.perf_counter() - t1)
+
+    def apply(self, payloads: list[bytes]) -> None:
+        """allgather: apply the round's relayed gradients to the replica, as the master does."""
+        if payloads:
+            self.w = self.w - self.spec.lr * aggregate(payloads, self.spec)
