@@ -95,10 +95,10 @@ class Experiment:
         keys = list(self.sweep)
         out = []
         for combo in itertools.product(*(self.sweep[k] for k in keys)):
-            point = apply_values(self, dict(zip(keys, combo)))
+            point = apply_values(self, dict(zip(keys, combo, strict=True)))
             for rep in range(self.repeats):
                 seed = point.problem.seed + rep
-                params = dict(zip(keys, combo))
+                params = dict(zip(keys, combo, strict=True))
                 if self.repeats > 1:
                     params["repeat"] = rep
                 spec = point.trial_spec(len(out), seed)

@@ -101,7 +101,7 @@ def read_metrics(path: str | Path) -> dict[str, np.ndarray]:
         with open(path, newline="") as f:
             rows = list(csv.reader(f))
     except FileNotFoundError:
-        raise RelufitError(f"{path}: no metrics.csv here; is this a relufit run directory?") from None
+        raise RelufitError(f"{path}: no such file; is this a relufit run directory?") from None
     if not rows:
         raise RelufitError(f"{path}: empty metrics file")
     header, body = rows[0], [r for r in rows[1:] if len(r) == len(rows[0])]

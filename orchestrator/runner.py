@@ -61,7 +61,7 @@ def run_experiment(
     trials = exp.trials()
     meta = {"experiment": exp.name, "backend": backend, "trials_planned": len(trials)}
     with RunWriter(out, run_id or new_run_id(exp.name), exp.to_toml(), meta) as writer:
-        progress(f"run {writer.run_id}: {len(trials)} trial(s) on backend {backend} -> {writer.path}")
+        progress(f"run {writer.run_id}: {len(trials)} trial(s), backend {backend} -> {writer.path}")
         writer.event(f"run started: {exp.name}, {len(trials)} trials, backend {backend}")
         status = "completed"
         try:
@@ -95,7 +95,9 @@ def run_experiment(
         return writer.path
 
 
-def _record(writer: RunWriter, trial: Trial, res: TrialResult, progress: Progress, label: str) -> None:
+def _record(
+    writer: RunWriter, trial: Trial, res: TrialResult, progress: Progress, label: str
+) -> None:
     writer.trial_done(trial.index, trial.params, trial.spec.to_dict(), res)
     mb = (res.total_bytes_up + res.total_bytes_down) / 1e6
     line = (

@@ -133,7 +133,9 @@ def run_trial(
                 lost.append(rank)
                 on_event(f"trial {spec.trial} round {r}: worker {rank} lost ({why})")
                 if on_worker_loss == "abort":
-                    raise TrialFailed(f"worker {rank} lost in round {r} ({why}); on_worker_loss=abort")
+                    raise TrialFailed(
+                        f"worker {rank} lost in round {r} ({why}); on_worker_loss=abort"
+                    )
             if not ex.replies:
                 raise TrialFailed(f"no worker left in round {r}")
             t0 = time.perf_counter()

@@ -21,4 +21,4 @@ def open_pool(backend: str, exp: Experiment) -> Iterator[WorkerPool]:
     if backend == "sim":
         yield SimPool()
         return
-    raise ConfigError("--backend", f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    raise ConfigError("--backend", f"unknown backend {backend!r}; one of {', '.join(BACKENDS)}")
