@@ -48,17 +48,26 @@ def block_rows(d: int) -> int:
     return max(1, _BLOCK_ELEMENTS // d)
 
 
-def planted_rows(d: int, seed: int, start: int, stop: int) -> np.ndarray:
-    """Rows ``[start, stop)`` of the data set of ``(d, seed)``, drawing only their blocks."""
+def planted_rows(d: int, seed: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``[start, stop)`` of the data set of ``(d, seed)`` and their labels.
+
+    Only the blocks holding those rows are drawn. Labels are computed per whole block, so
+    a row's label is bit-identical however the rows are split (a matrix product's rounding
+    depends on its shape).
+    """
     if not 0 <= start <= stop:
         raise ValueError(f"bad row range [{start}, {stop})")
     br = block_rows(d)
-    parts = []
+    w_star = planted_weights(d, seed)
+    xs, ys = [], []
     for b in range(start // br, -(-stop // br)):
         block = _rng(_BLOCK, seed, b).standard_normal((br, d))
         lo, hi = max(start - b * br, 0), min(stop - b * br, br)
-        parts.append(block[lo:hi])
-    return np.concatenate(parts) if parts else np.empty((0, d))
+        xs.append(block[lo:hi])
+        ys.append(labels(block, w_star)[lo:hi])
+    if not xs:
+        return np.empty((0, d)), np.empty(0)
+    return np.concatenate(xs), np.concatenate(ys)
 
 
 def labels(X: np.ndarray, w_star: np.ndarray) -> np.ndarray:
@@ -72,18 +81,15 @@ def shard_range(n: int, workers: int, rank: int) -> tuple[int, int]:
 
 def shard(d: int, n: int, seed: int, rank: int, workers: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``(X, y)`` shard of one worker, built without generating the others."""
-    start, stop = shard_range(n, workers, rank)
-    X = planted_rows(d, seed, start, stop)
-    return X, labels(X, planted_weights(d, seed))
+    return planted_rows(d, seed, *shard_range(n, workers, rank))
 
 
 def planted_problem(d: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The whole planted problem: ``X`` (n x d), ``y`` (n,), ``w*`` (d,)."""
     if d < 1 or n < 0:
         raise ValueError(f"need d >= 1 and n >= 0, got d={d}, n={n}")
-    w_star = planted_weights(d, seed)
-    X = planted_rows(d, seed, 0, n)
-    return X, labels(X, w_star), w_star
+    X, y = planted_rows(d, seed, 0, n)
+    return X, y, planted_weights(d, seed)
 
 
 def online_batch(
