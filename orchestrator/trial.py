@@ -71,6 +71,7 @@ class RoundRow:
 
 
 COLUMNS = tuple(RoundRow.__dataclass_fields__)
+DIVERGED = 1e6  # rel_error beyond this is divergence: stop before float32 overflows
 
 
 class TrialFailed(Exception):
@@ -154,7 +155,7 @@ def run_trial(
                 max(rep.compute_s for rep in ex.replies), max(rep.encode_s for rep in ex.replies),
                 ex.network_s, t1 - t0, t2 - t1,
             ))
-            if not np.isfinite(err):
+            if not np.isfinite(err) or err > DIVERGED:
                 raise TrialFailed(f"diverged in round {r} (rel_error {err}); lower train.lr")
             if spec.target_rel_error > 0 and err <= spec.target_rel_error:
                 break

@@ -1,0 +1,148 @@
+"""The sim backend end to end: the round loop, the run directory, the CLI."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from orchestrator.cli import cli
+from orchestrator.config import from_dict
+from orchestrator.results import load_run
+from orchestrator.runner import run_experiment
+from orchestrator.trial import SimPool, run_trial
+from worker import relu
+
+SMALL = {
+    "problem": {"d": 20, "n": 400, "seed": 1},
+    "train": {"rounds": 300, "batch_size": 16, "lr": 0.5, "target_rel_error": 1e-6},
+    "compress": {"scheme": "none"},
+    "cluster": {"workers": 3},
+}
+
+
+def exp(**sections):
+    data = {k: dict(v) for k, v in SMALL.items()}
+    for sec, vals in sections.items():
+        data[sec] = {**data.get(sec, {}), **vals}
+    return from_dict(data, "t")
+
+
+def run_rows(e):
+    rows = []
+    res = run_trial(e.trials()[0].spec, SimPool(), rows.append)
+    return res, rows
+
+
+def test_sim_matches_a_hand_written_sgd_loop():
+    e = exp(train={"rounds": 30, "target_rel_error": 0})
+    res, rows = run_rows(e)
+    spec = e.trials()[0].spec
+    w_star = relu.planted_weights(spec.d, spec.seed)
+    shards = [relu.shard(spec.d, spec.n, spec.seed, r, 3) for r in range(3)]
+    rngs = [relu.batch_rng(spec.seed, r) for r in range(3)]
+    w = np.zeros(spec.d)
+    for row in rows:
+        w32 = w.astype(np.float32).astype(np.float64)
+        gs = []
+        for (X, y), rng in zip(shards, rngs, strict=True):
+            g = relu.gradient(w32, *relu.minibatch(X, y, spec.batch_size, rng))
+            gs.append(g.astype(np.float32).astype(np.float64))
+        w = w - spec.lr * (sum(gs) / 3)
+        assert row.rel_error == pytest.approx(relu.rel_error(w, w_star), rel=1e-12)
+    assert res.rounds == 30 and res.status == "completed"
+
+
+def test_sim_reaches_target_and_stops_early_with_fp32_byte_counts():
+    res, rows = run_rows(exp())
+    assert res.reached_target and res.status == "completed"
+    assert res.rounds < 300 and rows[-1].rel_error <= 1e-6 < rows[-2].rel_error
+    assert all(r.bytes_up == 3 * 4 * 20 and r.bytes_down == 3 * 4 * 20 for r in rows)
+
+
+def test_sim_allgather_converges_and_counts_relayed_bytes():
+    res, rows = run_rows(exp(cluster={"topology": "allgather"}))
+    assert res.reached_target
+    assert rows[0].bytes_down == 0  # nothing to relay before the first gradients
+    assert rows[1].bytes_down == 3 * 2 * 4 * 20  # each worker gets the 2 others' gradients
+
+
+def test_online_setting_n_zero_converges():
+    res, _ = run_rows(exp(problem={"n": 0}))
+    assert res.reached_target
+
+
+def test_divergence_is_a_failed_trial_with_a_reason():
+    res, rows = run_rows(exp(train={"lr": 50.0, "rounds": 200}))
+    assert res.status == "failed" and "lr" in res.reason
+
+
+def test_run_directory_contents(tmp_path):
+    e = from_dict({**SMALL, "sweep": {"cluster.workers": [1, 2], "repeats": 2}}, "dir")
+    path = run_experiment(e, SimPool(), tmp_path, "sim", progress=lambda s: None)
+    run = load_run(path)
+    summary = run["summary"]
+    assert summary["status"] == "completed" and len(summary["trials"]) == 4
+    assert [t["spec"]["seed"] for t in summary["trials"]] == [1, 2, 1, 2]
+    for t in summary["trials"]:
+        assert t["status"] == "completed" and t["final_rel_error"] <= 1e-6
+        m = run["metrics"]["trial"] == t["trial"]
+        assert m.sum() == t["rounds"]
+        assert run["metrics"]["bytes_up"][m].sum() == t["total_bytes_up"]
+        assert run["metrics"]["rel_error"][m][-1] == t["final_rel_error"]
+    assert "workers = 4" not in run["experiment"] and '"cluster.workers" = [1, 2]' in run["experiment"]
+    with open(path / "metrics.csv") as f:
+        header = next(csv.reader(f))
+    for col in ("trial", "round", "elapsed_s", "rel_error", "loss", "bytes_up", "bytes_down"):
+        assert col in header
+    assert "run completed" in (path / "events.log").read_text()
+
+
+def test_interrupted_run_keeps_completed_rounds(tmp_path):
+    class Boom(SimPool):
+        def exchange(self, round_, down, relay):
+            if round_ == 5:
+                raise KeyboardInterrupt
+            return super().exchange(round_, down, relay)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(exp(), Boom(), tmp_path, "sim", progress=lambda s: None)
+    (path,) = tmp_path.iterdir()
+    run = load_run(path)
+    assert run["summary"]["status"] == "interrupted"
+    assert run["summary"]["trials"][0]["status"] == "interrupted"
+    assert run["summary"]["trials"][0]["rounds"] == 5
+    assert list(run["metrics"]["round"]) == [0, 1, 2, 3, 4]
+
+
+def test_cli_run_writes_a_run_directory(tmp_path):
+    f = tmp_path / "e.toml"
+    f.write_text('[problem]\nd = 10\nn = 200\n[compress]\nscheme = "none"\n[cluster]\nworkers = 2\n')
+    r = CliRunner().invoke(cli, ["run", str(f), "--backend", "sim", "--out", str(tmp_path / "out"),
+                                 "--set", "train.rounds=50"])
+    assert r.exit_code == 0, r.output
+    path = tmp_path / "out" / r.stdout.strip().splitlines()[-1].split("/")[-1]
+    summary = json.loads((path / "summary.json").read_text())
+    assert summary["trials"][0]["spec"]["rounds"] == 50
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--set", "train.lrr=0.1"], "train.lrr"),
+    (["--set", "compress.scheme=zip"], "compress.scheme"),
+    (["--set", "cluster.workers=0"], "cluster.workers"),
+    (["--set", "oops"], "section.key=value"),
+    (["--backend", "cloud9"], "--backend"),
+])
+def test_cli_bad_input_is_one_line_naming_the_key(tmp_path, args, needle):
+    f = tmp_path / "e.toml"
+    f.write_text("[problem]\nd = 10\n")
+    r = CliRunner().invoke(cli, ["run", str(f), "--out", str(tmp_path / "out"), *args])
+    assert r.exit_code != 0
+    assert needle in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "out").exists()  # nothing ran, nothing written
+
+
+def test_cli_missing_file(tmp_path):
+    r = CliRunner().invoke(cli, ["run", str(tmp_path / "nope.toml")])
+    assert r.exit_code == 2 and "no such experiment file" in r.output
