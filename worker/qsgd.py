@@ -1,0 +1,569 @@
+"""QSGD: stochastic quantization and its two codecs. Pure numpy, no I/O.
+
+``quantize(v, levels, rng, bucket_size)`` draws ``Q_s(v)`` (Alistarh et al. 2017, see
+REFERENCE.md) per bucket; ``encode``/``decode`` turn it into a self-describing payload and
+back, exactly; ``dequantize`` gives ``norm_b * signed_level / s`` in float64.
+
+Payload layout (all integers little-endian)::
+
+    header, 24 bytes:
+      0  4s  magic b"QSGD"
+      4  u8  format version (1)
+      5  u8  coding: 1 = "elias", 2 = "fixed"
+      6  u8  pad: zero bits at the end of the bit stream (0..7)
+      7  u8  reserved, 0
+      8  u32 d                 (1 .. 2**31 - 1)
+      12 u32 levels s          (1 .. 2**31 - 1)
+      16 u32 bucket_size       (0: one bucket, the whole vector; else 1 .. d - 1)
+      20 u32 nnz               (elias: number of nonzero coordinates; fixed: 0)
+    norms: one float32 per bucket, nb = ceil(d / bucket_size) (1 when bucket_size is 0)
+    bit stream, most significant bit of each byte first, zero-padded to a byte:
+      elias: for each nonzero coordinate i in increasing order, Elias-omega(gap),
+             one sign bit (1: negative), Elias-omega(z_i). gap is i + 1 for the first
+             nonzero and the distance to the previous nonzero after that. Gaps run over
+             the whole vector, not restarting per bucket, so the stream needs no
+             per-bucket table: the bucket of a coordinate is i // bucket_size. The code
+             is the paper's Code_s (same codewords; 32 bits of norm per bucket).
+      fixed: for every coordinate, one sign bit then z in s.bit_length() bits.
+
+``encoded_bits(q, coding)`` counts the norms and the stream (the paper's measure): the
+payload is ``HEADER_BYTES + ceil(encoded_bits / 8)`` bytes.
+
+Every hot path is vectorized: encode and decode loop only over the few Elias recursion
+depths, the log2(nnz) pointer-doubling steps of the decoder, and the <= 8 fields of a
+fixed-width group, never over coordinates, nonzeros or buckets.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "CodecError",
+    "Quantized",
+    "quantize",
+    "dequantize",
+    "encode",
+    "decode",
+    "encoded_bits",
+    "HEADER_BYTES",
+    "MAX_D",
+    "MAX_LEVELS",
+]
+
+MAGIC = b"QSGD"
+VERSION = 1
+CODINGS = {"elias": 1, "fixed": 2}
+_CODING_NAMES = {v: k for k, v in CODINGS.items()}
+_HEADER = struct.Struct("<4sBBBBIIII")
+HEADER_BYTES = _HEADER.size
+MAX_D = 2**31 - 1
+MAX_LEVELS = 2**31 - 1
+# Gaps <= d and levels <= s fit in 31 bits: an omega codeword of a value < 2**31 has at
+# most 4 groups (31 + 5 + 3 + 2 bits) and a group is at most 31 bits long.
+_MAX_GROUP_BITS = 31
+_MAX_OMEGA_DEPTH = 4
+
+
+class CodecError(ValueError):
+    """A payload that is truncated, corrupt, or not a QSGD payload of this version."""
+
+
+def _level_dtype(levels: int) -> np.dtype:
+    """Smallest signed integer type holding -s..s: memory bandwidth is the cost."""
+    for dt in (np.int8, np.int16, np.int32):
+        if levels <= np.iinfo(dt).max:
+            return np.dtype(dt)
+    return np.dtype(np.int64)
+
+
+def _n_buckets(d: int, bucket_size: int) -> int:
+    return 1 if bucket_size == 0 else -(-d // bucket_size)
+
+
+@dataclass(frozen=True, eq=False)
+class Quantized:
+    """``Q_s(v)``: per-bucket float32 norms and the signed levels ``sign * z``, z in 0..s.
+
+    ``==`` compares the fields and the array contents. ``bucket_size`` is 0 when the whole
+    vector is one bucket (``quantize`` normalizes None and sizes >= d to 0).
+    """
+
+    d: int
+    levels: int
+    bucket_size: int
+    norms: np.ndarray  # float32, one per bucket
+    signed_levels: np.ndarray  # _level_dtype(levels), length d
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.d <= MAX_D:
+            raise ValueError(f"d must be in 1..{MAX_D}, got {self.d}")
+        if not 1 <= self.levels <= MAX_LEVELS:
+            raise ValueError(f"levels must be in 1..{MAX_LEVELS}, got {self.levels}")
+        if not (self.bucket_size == 0 or 1 <= self.bucket_size < self.d):
+            raise ValueError(f"bucket_size must be 0 or in 1..d-1, got {self.bucket_size}")
+        nb = _n_buckets(self.d, self.bucket_size)
+        if self.norms.dtype != np.float32 or self.norms.shape != (nb,):
+            raise ValueError(f"norms must be float32 of shape ({nb},)")
+        lv = self.signed_levels
+        if lv.dtype != _level_dtype(self.levels) or lv.shape != (self.d,):
+            want = _level_dtype(self.levels)
+            raise ValueError(f"signed_levels must be {want} of shape ({self.d},)")
+        if lv.max() > self.levels or lv.min() < -self.levels:
+            raise ValueError(f"signed_levels exceed levels={self.levels}")
+        if not (np.isfinite(self.norms).all() and (self.norms >= 0).all()):
+            raise ValueError("norms must be finite and non-negative")
+        self.norms.setflags(write=False)
+        lv.setflags(write=False)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Quantized):
+            return NotImplemented
+        return (
+            (self.d, self.levels, self.bucket_size) == (other.d, other.levels, other.bucket_size)
+            and np.array_equal(self.norms, other.norms)
+            and np.array_equal(self.signed_levels, other.signed_levels)
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # arrays: equal but not hashable
+
+    def nnz(self) -> int:
+        return int(np.count_nonzero(self.signed_levels))
+
+
+# ---------------------------------------------------------------- quantizer
+
+
+def _check_levels(levels: object) -> int:
+    if isinstance(levels, bool) or not isinstance(levels, (int, np.integer)):
+        raise ValueError(f"levels must be an integer >= 1, got {levels!r}")
+    if not 1 <= int(levels) <= MAX_LEVELS:
+        raise ValueError(f"levels must be in 1..{MAX_LEVELS}, got {levels}")
+    return int(levels)
+
+
+def _check_bucket_size(bucket_size: object, d: int) -> int:
+    if bucket_size is None:
+        return 0
+    if isinstance(bucket_size, bool) or not isinstance(bucket_size, (int, np.integer)):
+        raise ValueError(f"bucket_size must be None or an integer >= 0, got {bucket_size!r}")
+    if bucket_size < 0:
+        raise ValueError(f"bucket_size must be >= 0, got {bucket_size}")
+    return 0 if bucket_size >= d else int(bucket_size)
+
+
+def _per_bucket(x: np.ndarray, bucket_size: int, fn) -> np.ndarray:
+    """``fn`` reduced over each bucket (axis=1 of a reshape, plus the short last bucket)."""
+    if bucket_size == 0:
+        return np.atleast_1d(fn(x, axis=0))
+    full = len(x) // bucket_size * bucket_size
+    out = fn(x[:full].reshape(-1, bucket_size), axis=1)
+    if full < len(x):
+        out = np.append(out, fn(x[full:], axis=0))
+    return out
+
+
+def _scale_per_bucket(x: np.ndarray, scale: np.ndarray, bucket_size: int) -> np.ndarray:
+    """``x * scale[bucket of i]`` without materializing a length-d repeat of ``scale``."""
+    if bucket_size == 0:
+        return x * scale[0]
+    out = np.empty_like(x)
+    full = len(x) // bucket_size * bucket_size
+    np.multiply(
+        x[:full].reshape(-1, bucket_size), scale[: full // bucket_size, None],
+        out=out[:full].reshape(-1, bucket_size),
+    )
+    if full < len(x):
+        np.multiply(x[full:], scale[-1], out=out[full:])
+    return out
+
+
+def _float32_norms_rounded_up(absv: np.ndarray, bucket_size: int) -> np.ndarray:
+    """Per-bucket 2-norms, rounded UP to float32.
+
+    Rounding up keeps |v_i| / norm <= 1, so z <= s without clipping and Q stays exactly
+    unbiased; the float32 norm is what the payload carries, so decoding reproduces Q.
+    """
+    peak = _per_bucket(absv, bucket_size, np.max)
+    if np.all((peak == 0) | ((peak > 2.0**-400) & (peak < 2.0**400))):
+        norms = np.sqrt(_per_bucket(absv * absv, bucket_size, np.sum))
+    else:  # squares would under- or overflow: scale each bucket by its peak first
+        safe = np.where(peak > 0, peak, 1.0)
+        scaled = _scale_per_bucket(absv, 1.0 / safe, bucket_size)
+        norms = safe * np.sqrt(_per_bucket(scaled * scaled, bucket_size, np.sum))
+    with np.errstate(over="ignore"):
+        n32 = norms.astype(np.float32)
+    low = n32.astype(np.float64) < norms
+    n32[low] = np.nextafter(n32[low], np.float32(np.inf))
+    if not np.isfinite(n32).all():
+        raise ValueError("a bucket's norm exceeds the float32 range")
+    return n32
+
+
+def quantize(
+    v: np.ndarray, levels: int, rng: np.random.Generator, bucket_size: int | None = None
+) -> Quantized:
+    """Draw ``Q_s(v)`` with ``s = levels``, per bucket of ``bucket_size`` coordinates.
+
+    ``bucket_size`` None or 0: one bucket, the whole vector; a size that does not divide
+    d leaves a shorter last bucket. Raises ValueError on NaN/inf or bad arguments.
+    """
+    s = _check_levels(levels)
+    v = np.asarray(v, dtype=np.float64)
+    if v.ndim != 1 or not 1 <= v.size <= MAX_D:
+        raise ValueError(f"v must be a 1-D vector of 1..{MAX_D} entries, got shape {v.shape}")
+    if not np.isfinite(v).all():
+        raise ValueError("v contains NaN or inf")
+    bs = _check_bucket_size(bucket_size, v.size)
+    absv = np.abs(v)
+    norms = _float32_norms_rounded_up(absv, bs)
+    n64 = norms.astype(np.float64)
+    scale = np.divide(s, n64, out=np.zeros_like(n64), where=n64 > 0)
+    x = _scale_per_bucket(absv, scale, bs)  # a_i * s, in [0, s]
+    z = np.floor(x)
+    z += rng.random(v.size) < (x - z)  # up with probability a*s - l: unbiased
+    dt = _level_dtype(s)
+    signed = z.astype(dt)
+    np.negative(signed, out=signed, where=v < 0)
+    return Quantized(v.size, s, bs, norms, signed)
+
+
+def dequantize(q: Quantized) -> np.ndarray:
+    """``norm_b * signed_level / s`` as float64."""
+    per_level = q.norms.astype(np.float64) / q.levels
+    return _scale_per_bucket(q.signed_levels.astype(np.float64), per_level, q.bucket_size)
+
+
+# ---------------------------------------------------------------- Elias omega
+
+
+def _bit_length(x: np.ndarray) -> np.ndarray:
+    """Bit length of positive integers < 2**31 (exact: float64 frexp of an integer)."""
+    return np.frexp(x.astype(np.float64))[1].astype(np.int64)
+
+
+def _omega_groups(n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Omega codeword groups of each n >= 1, innermost group first.
+
+    Returns (values, lengths), shape (len(n), _MAX_OMEGA_DEPTH); unused groups have length
+    0. The codeword is the groups in column order followed by one 0 bit.
+    """
+    vals = np.zeros((len(n), _MAX_OMEGA_DEPTH), dtype=np.int64)
+    lens = np.zeros((len(n), _MAX_OMEGA_DEPTH), dtype=np.int64)
+    cur = n.astype(np.int64)
+    for depth in range(_MAX_OMEGA_DEPTH):  # outermost group n goes last (column -1)
+        col = _MAX_OMEGA_DEPTH - 1 - depth
+        more = cur > 1
+        if not more.any():
+            break
+        bl = _bit_length(np.where(more, cur, 1))
+        vals[:, col] = np.where(more, cur, 0)
+        lens[:, col] = np.where(more, bl, 0)
+        cur = np.where(more, bl - 1, 1)
+    return vals, lens
+
+
+def _omega_lengths(n: np.ndarray) -> np.ndarray:
+    return _omega_groups(n)[1].sum(axis=1) + 1
+
+
+def _write_fields(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenate fields (value, bit length), MSB first, into packed bytes + pad count."""
+    values = values.ravel()
+    lengths = lengths.ravel()
+    keep = lengths > 0
+    values, lengths = values[keep], lengths[keep]
+    ends = np.cumsum(lengths)
+    total = int(ends[-1]) if len(ends) else 0
+    # Bit t of the stream is bit (end_of_its_field - 1 - t) of that field's value.
+    shift = np.repeat(ends - 1, lengths) - np.arange(total)
+    bits = (np.repeat(values, lengths) >> shift) & 1
+    return np.packbits(bits.astype(np.uint8)), (-total) % 8
+
+
+def _elias_fields(q: Quantized) -> tuple[np.ndarray, np.ndarray]:
+    lv = q.signed_levels
+    idx = np.flatnonzero(lv)
+    gaps = np.diff(idx, prepend=-1)
+    vals = lv[idx]
+    z = np.abs(vals.astype(np.int64))
+    gv, gl = _omega_groups(gaps)
+    zv, zl = _omega_groups(z)
+    k = len(idx)
+    one = np.ones((k, 1), dtype=np.int64)
+    zero = np.zeros((k, 1), dtype=np.int64)
+    neg = (vals < 0).astype(np.int64)[:, None]
+    # per record: gap groups, 0, sign, level groups, 0
+    values = np.hstack([gv, zero, neg, zv, zero])
+    lengths = np.hstack([gl, one, one, zl, one])
+    return values, lengths
+
+
+def _fixed_width(levels: int) -> int:
+    return 1 + levels.bit_length()
+
+
+def encoded_bits(q: Quantized, coding: str = "elias") -> int:
+    """Bits of norms plus code stream (the paper's count; header and byte padding excluded)."""
+    _check_coding(coding)
+    norm_bits = 32 * len(q.norms)
+    if coding == "fixed":
+        return norm_bits + q.d * _fixed_width(q.levels)
+    lv = q.signed_levels
+    idx = np.flatnonzero(lv)
+    gaps = np.diff(idx, prepend=-1)
+    z = np.abs(lv[idx].astype(np.int64))
+    return norm_bits + int(_omega_lengths(gaps).sum() + len(idx) + _omega_lengths(z).sum())
+
+
+def _check_coding(coding: str) -> int:
+    if coding not in CODINGS:
+        raise ValueError(f"coding must be one of {sorted(CODINGS)}, got {coding!r}")
+    return CODINGS[coding]
+
+
+# ---------------------------------------------------------------- fixed width
+
+
+def _group_geometry(width: int) -> tuple[int, int] | None:
+    """(fields per group, bytes per group) when a group fits in a uint64, else None."""
+    group = 8 // math.gcd(width, 8)
+    nbytes = group * width // 8
+    return (group, nbytes) if nbytes <= 8 else None
+
+
+def _pack_fixed(u: np.ndarray, width: int) -> np.ndarray:
+    """Pack unsigned fields of ``width`` bits, MSB first, zero-padded to a byte."""
+    geo = _group_geometry(width)
+    d = len(u)
+    if geo is None:  # odd widths > 8: go through a bit array (slower, still vectorized)
+        be = u.astype(">u4").view(np.uint8).reshape(d, 4)
+        return np.packbits(np.unpackbits(be, axis=1)[:, 32 - width:])
+    group, nbytes = geo
+    m = -(-d // group)
+    padded = np.zeros(m * group, dtype=np.uint64)
+    padded[:d] = u
+    cols = padded.reshape(m, group)
+    acc = cols[:, 0].copy()
+    for j in range(1, group):  # <= 8 columns
+        acc <<= np.uint64(width)
+        acc |= cols[:, j]
+    out = acc.astype(">u8").view(np.uint8).reshape(m, 8)[:, 8 - nbytes:].ravel()
+    return out[: -(-d * width // 8)]
+
+
+def _unpack_fixed(body: np.ndarray, d: int, width: int) -> np.ndarray:
+    """Inverse of ``_pack_fixed``: int64 fields; the caller checked the length."""
+    geo = _group_geometry(width)
+    if geo is None:
+        bits = np.unpackbits(body, count=d * width).reshape(d, width)
+        be = np.zeros((d, 32), dtype=np.uint8)
+        be[:, 32 - width:] = bits
+        return np.packbits(be, axis=1).view(">u4").ravel().astype(np.int64)
+    group, nbytes = geo
+    m = -(-d // group)
+    buf = np.zeros((m, 8), dtype=np.uint8)
+    flat = buf[:, 8 - nbytes:]
+    raw = np.zeros(m * nbytes, dtype=np.uint8)
+    raw[: len(body)] = body
+    flat[:] = raw.reshape(m, nbytes)
+    acc = buf.view(">u8").ravel().astype(np.uint64)
+    mask = np.uint64((1 << width) - 1)
+    cols = np.empty((m, group), dtype=np.int64)
+    for j in range(group - 1, -1, -1):  # <= 8 columns
+        cols[:, j] = acc & mask
+        acc >>= np.uint64(width)
+    return cols.ravel()[:d]
+
+
+def _encode_fixed(q: Quantized) -> tuple[np.ndarray, int]:
+    width = _fixed_width(q.levels)
+    lv = q.signed_levels
+    udt = np.uint8 if width <= 8 else np.uint32
+    u = np.abs(lv).astype(udt)
+    u |= (lv < 0).astype(udt) << udt(width - 1)
+    return _pack_fixed(u, width), (-(q.d * width)) % 8
+
+
+def _decode_fixed(body: np.ndarray, d: int, levels: int, pad: int) -> np.ndarray:
+    width = _fixed_width(levels)
+    expect = -(-d * width // 8)
+    if len(body) != expect:
+        raise CodecError(f"fixed payload body has {len(body)} bytes, expected {expect}")
+    if pad != (-(d * width)) % 8:
+        raise CodecError("header pad does not match d and levels")
+    if pad and body[-1] & ((1 << pad) - 1):
+        raise CodecError("nonzero padding bits")
+    u = _unpack_fixed(body, d, width)
+    z = u & ((1 << (width - 1)) - 1)
+    neg = u >> (width - 1)
+    if z.max() > levels:
+        raise CodecError(f"a level exceeds s={levels}")
+    if (neg & (z == 0)).any():
+        raise CodecError("negative zero level (not a canonical encoding)")
+    out = z.astype(_level_dtype(levels))
+    np.negative(out, out=out, where=neg.astype(bool))
+    return out
+
+
+# ---------------------------------------------------------------- Elias decoding
+
+
+def _windows(body: np.ndarray) -> np.ndarray:
+    """W[j] = the 64 bits starting at byte j (big-endian, zero past the end), as uint64."""
+    n = len(body)
+    buf = np.zeros(n + 16, dtype=np.uint8)
+    buf[:n] = body
+    w = np.empty(n + 8, dtype=np.uint64)
+    for r in range(8):  # 8 interleaved aligned views instead of 8 shifts per byte
+        view = np.frombuffer(buf.data, dtype=">u8", offset=r, count=(len(buf) - r) // 8)
+        w[r::8] = view[: len(w[r::8])]
+    return w
+
+
+def _read(w: np.ndarray, pos: np.ndarray, nbits: np.ndarray) -> np.ndarray:
+    """``nbits`` (1..32) bits at bit positions ``pos``, as int64."""
+    word = w[pos >> 3] << (pos & 7).astype(np.uint64)
+    return (word >> (64 - nbits).astype(np.uint64)).astype(np.int64)
+
+
+def _omega_at_every_bit(w: np.ndarray, total: int) -> tuple[np.ndarray, np.ndarray]:
+    """For every bit position p < total: (length, value) of an omega codeword read at p.
+
+    Length 0 marks a position where no valid codeword (value < 2**31, within the stream)
+    starts.
+    """
+    pos = np.arange(total, dtype=np.int64)
+    length = np.zeros(total, dtype=np.int64)
+    value = np.zeros(total, dtype=np.int64)
+    live = pos.copy()  # the start positions still being read
+    cur = pos.copy()  # where each live read is
+    n = np.ones(total, dtype=np.int64)  # value so far
+    for _ in range(_MAX_OMEGA_DEPTH + 1):
+        if len(live) == 0:
+            break
+        inside = cur < total
+        live, cur, n = live[inside], cur[inside], n[inside]
+        bit = _read(w, cur, np.ones_like(cur))
+        done = bit == 0
+        length[live[done]] = cur[done] + 1 - live[done]
+        value[live[done]] = n[done]
+        go = ~done & (n <= _MAX_GROUP_BITS - 1)
+        live, cur, n = live[go], cur[go], n[go]
+        fits = cur + n + 1 <= total
+        live, cur, n = live[fits], cur[fits], n[fits]
+        n, cur = _read(w, cur, n + 1), cur + n + 1
+    return length, value
+
+
+def _elias_records(body: np.ndarray, total: int, nnz: int):
+    """Starts of the nnz records of the stream, with their gap, sign and level values."""
+    w = _windows(body)
+    length, value = _omega_at_every_bit(w, total)
+    # A record at p: gap codeword, sign bit at p + L(p), level codeword after it.
+    p = np.arange(total, dtype=np.int64)
+    sign_at = p + length
+    z_at = sign_at + 1
+    ok = (length > 0) & (z_at < total)
+    z_len = np.where(ok, length[np.minimum(z_at, total - 1)], 0)
+    ok &= z_len > 0
+    end, bad = total, total + 1  # sinks: clean end of stream, and corruption
+    jump = np.full(total + 2, bad, dtype=np.int64)
+    jump[:total] = np.where(ok, z_at + z_len, bad)
+    jump[end] = end
+    # Pointer doubling: chain = J^0(0), J^1(0), ...; each step doubles the prefix known.
+    chain = np.zeros(1, dtype=np.int64)
+    while chain[-1] < total and len(chain) <= nnz:
+        chain = np.concatenate([chain, jump[chain]])
+        jump = jump[jump]
+    stop = np.flatnonzero(chain >= total)
+    if len(stop) == 0 or chain[stop[0]] != end or stop[0] != nnz:
+        raise CodecError("elias stream is corrupt or does not hold nnz records")
+    starts = chain[: stop[0]]
+    gaps = value[starts]
+    neg = _read(w, sign_at[starts], np.ones_like(starts)).astype(bool)
+    z = value[z_at[starts]]
+    return gaps, neg, z
+
+
+def _decode_elias(body: np.ndarray, d: int, levels: int, nnz: int, pad: int) -> np.ndarray:
+    total = 8 * len(body) - pad
+    if nnz == 0:
+        if len(body):
+            raise CodecError("bytes after an empty elias stream")
+        return np.zeros(d, dtype=_level_dtype(levels))
+    # each record holds at least 3 bits: checked before allocating anything per bit
+    if nnz > d or total < 3 * nnz or total > 3 * 64 * nnz:
+        raise CodecError(f"stream length {total} bits does not fit {nnz} nonzeros in d={d}")
+    if pad and body[-1] & ((1 << pad) - 1):
+        raise CodecError("nonzero padding bits")
+    gaps, neg, z = _elias_records(body, total, nnz)
+    where = np.cumsum(gaps) - 1
+    if where[-1] >= d:
+        raise CodecError(f"a nonzero lies past d={d}")
+    if z.max() > levels:
+        raise CodecError(f"a level exceeds s={levels}")
+    out = np.zeros(d, dtype=_level_dtype(levels))
+    signed = z.astype(out.dtype)
+    np.negative(signed, out=signed, where=neg)
+    out[where] = signed
+    return out
+
+
+# ---------------------------------------------------------------- payloads
+
+
+def encode(q: Quantized, coding: str = "elias") -> bytes:
+    """Self-describing payload: header, float32 norms, bit stream (see module docstring)."""
+    code = _check_coding(coding)
+    if coding == "elias":
+        values, lengths = _elias_fields(q)
+        stream, pad = _write_fields(values, lengths)
+        nnz = len(values)
+    else:
+        stream, pad = _encode_fixed(q)
+        nnz = 0
+    header = _HEADER.pack(MAGIC, VERSION, code, pad, 0, q.d, q.levels, q.bucket_size, nnz)
+    return b"".join([header, q.norms.astype("<f4").tobytes(), stream.tobytes()])
+
+
+def decode(payload: bytes | bytearray | memoryview, max_d: int = MAX_D) -> Quantized:
+    """Inverse of ``encode``. Raises CodecError (a ValueError) on any malformed payload.
+
+    ``max_d`` lets a receiver that knows the dimension refuse a larger one before any
+    length-d array is allocated (an all-zero vector of any d has a tiny payload).
+    """
+    buf = memoryview(payload).cast("B")
+    if len(buf) < HEADER_BYTES:
+        raise CodecError(f"payload of {len(buf)} bytes is shorter than the header")
+    magic, version, code, pad, reserved, d, levels, bucket_size, nnz = _HEADER.unpack_from(buf)
+    if magic != MAGIC:
+        raise CodecError("not a QSGD payload (bad magic)")
+    if version != VERSION:
+        raise CodecError(f"unsupported QSGD format version {version} (this is {VERSION})")
+    if code not in _CODING_NAMES or reserved != 0 or pad > 7:
+        raise CodecError("bad coding, pad or reserved byte in header")
+    if not 1 <= d <= min(MAX_D, max_d):
+        raise CodecError(f"d={d} out of range 1..{min(MAX_D, max_d)}")
+    if not 1 <= levels <= MAX_LEVELS:
+        raise CodecError(f"levels={levels} out of range")
+    if not (bucket_size == 0 or bucket_size < d):
+        raise CodecError(f"bucket_size={bucket_size} not in 0..d-1")
+    nb = _n_buckets(d, bucket_size)
+    if len(buf) < HEADER_BYTES + 4 * nb:
+        raise CodecError(f"payload too short for {nb} bucket norms")
+    norms = np.frombuffer(buf, dtype="<f4", count=nb, offset=HEADER_BYTES).astype(np.float32)
+    if not (np.isfinite(norms).all() and (norms >= 0).all()):
+        raise CodecError("a bucket norm is negative, NaN or inf")
+    body = np.frombuffer(buf, dtype=np.uint8, offset=HEADER_BYTES + 4 * nb)
+    if _CODING_NAMES[code] == "fixed":
+        if nnz != 0:
+            raise CodecError("nnz must be 0 in a fixed-width payload")
+        signed = _decode_fixed(body, d, levels, pad)
+    else:
+        signed = _decode_elias(body, d, levels, nnz, pad)
+    return Quantized(d, levels, bucket_size, norms, signed)
