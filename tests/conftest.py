@@ -1,0 +1,193 @@
+"""Shared fixtures: emulated hosts for the netns and deploy tests (owned by the netns area).
+
+Fixtures (all clean up every process, namespace and file they made):
+
+``relufit_home`` -> Path
+    A fresh RELUFIT_HOME (set in the environment) so clusters never touch ~/.relufit.
+
+``sshd_host`` -> SshdHost
+    One OpenSSH sshd on 127.0.0.1:<free port>, already answering, running as root in a
+    private mount namespace with an empty tmpfs over /root and /tmp. Attributes: ``host``,
+    ``port``, ``user`` ("root"), ``key_path`` (the authorized user key, 0600), ``host_key``
+    ("ssh-ed25519 AAAA..."), ``known_hosts`` (a file pinning it as ``[127.0.0.1]:port``),
+    ``dir``, ``pid``, ``log``. Methods: ``start()``, ``stop()``, ``start_later(seconds)``
+    (sshd comes up late), ``rotate_host_key()`` (restarts with a new host key; the known_hosts
+    file keeps the old one), ``new_key(name)`` (a key sshd does not accept), ``home(path)``
+    (a path in its private home, readable from the test), ``ssh(*cmd)`` (the ssh client's
+    argv). A restart gives a fresh empty home.
+
+``netns_cluster`` -> factory ``(workers=2, bandwidth=None, master_bandwidth=None) -> NetnsCluster``
+    Emulated hosts (orchestrator.providers.netns): node 0 + ``workers``, each with its own
+    network namespace, address, sshd, empty home; saved as a cluster under ``relufit_home``.
+
+``host_ssh`` -> function ``(cluster, rank, *cmd) -> subprocess.CompletedProcess``
+    Runs ``cmd`` on one emulated host with the real ssh client, host key checked.
+
+Both need root, ip, tc, unshare and sshd. Outside CI they skip when something is missing;
+with CI=true they fail instead.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from orchestrator.errors import RunError
+from orchestrator.providers import netns
+
+
+def require_emulated_hosts() -> None:
+    """Skip (outside CI) or fail (CI=true) unless this machine can run emulated hosts."""
+    try:
+        netns.check_requirements()
+    except RunError as e:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must be able to run emulated hosts: {e}")
+        pytest.skip(str(e))
+
+
+def ssh_argv(key_path: str, known_hosts: str, user: str, host: str, port: int,
+             *cmd: str) -> list[str]:
+    """argv of the OpenSSH client: key only, host key checked against ``known_hosts``."""
+    return ["ssh", "-i", key_path, "-p", str(port), "-o", "BatchMode=yes",
+            "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=yes",
+            "-o", f"UserKnownHostsFile={known_hosts}", "-o", "GlobalKnownHostsFile=/dev/null",
+            "-o", "ConnectTimeout=5", "-o", "LogLevel=ERROR", f"{user}@{host}", *cmd]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SshdHost:
+    """One sshd on 127.0.0.1 with its own host key, user key and private empty home."""
+
+    def __init__(self, base: Path):
+        self.dir = base
+        base.mkdir(parents=True, exist_ok=True)
+        self.host, self.port, self.user = "127.0.0.1", free_port(), "root"
+        self.key_path = str(base / "id_ed25519")
+        self.known_hosts = str(base / "known_hosts")
+        self.log = base / "sshd.log"
+        self.pid = 0
+        self._timer: threading.Timer | None = None
+        self._tag = f"rf-sshd-{secrets.token_hex(4)}"  # marks its cmdline; see netns._is_our_sshd
+        pub = netns.keygen(Path(self.key_path), "relufit-test-user")
+        self.host_key = netns.prepare_host_dir(base, self.host, self.port, pub)
+        self._pin()
+
+    def _pin(self) -> None:
+        Path(self.known_hosts).write_text(
+            f"[{self.host}]:{self.port} {' '.join(self.host_key.split()[:2])}\n")
+
+    def start(self) -> None:
+        if self.pid:
+            return
+        self.pid = netns.start_sshd(self.dir, self._tag)
+        netns.wait_for_sshd(self.host, self.port, self.pid, self.log)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer.join()
+            self._timer = None
+        if self.pid:
+            netns._kill([self.pid])
+            _reap(self.pid)
+            self.pid = 0
+
+    def start_later(self, seconds: float) -> threading.Timer:
+        """Stop now and start again after ``seconds`` in a background thread."""
+        self.stop()
+        self._timer = threading.Timer(seconds, self.start)
+        self._timer.start()
+        return self._timer
+
+    def rotate_host_key(self) -> str:
+        """Restart with a new host key (known_hosts keeps the old one); returns the new key."""
+        self.stop()
+        self.host_key = netns.keygen(self.dir / "ssh_host_ed25519_key", "relufit-rotated")
+        self.start()
+        return self.host_key
+
+    def new_key(self, name: str = "other") -> str:
+        """Path of a fresh key pair that this sshd does not accept."""
+        path = self.dir / f"{name}_ed25519"
+        netns.keygen(path, f"relufit-{name}")
+        return str(path)
+
+    def home(self, path: str = "") -> Path:
+        """A path inside this sshd's private home, as seen from the test process."""
+        return Path(f"/proc/{self.pid}/root{os.path.expanduser('~root')}") / path
+
+    def ssh(self, *cmd: str, key: str | None = None) -> list[str]:
+        return ssh_argv(key or self.key_path, self.known_hosts, self.user, self.host, self.port,
+                        *cmd)
+
+
+def _reap(pid: int) -> None:
+    """Collect an exited child of this process, so no zombie outlives the test."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+@pytest.fixture
+def relufit_home(tmp_path, monkeypatch) -> Path:
+    home = tmp_path / "relufit-home"
+    home.mkdir()
+    monkeypatch.setenv("RELUFIT_HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def sshd_host(tmp_path):
+    require_emulated_hosts()
+    host = SshdHost(tmp_path / "sshd")
+    host.start()
+    try:
+        yield host
+    finally:
+        host.stop()
+
+
+@pytest.fixture
+def netns_cluster(relufit_home):
+    require_emulated_hosts()
+    made: list[str] = []
+
+    def make(workers: int = 2, bandwidth: str | None = None,
+             master_bandwidth: str | None = None) -> netns.NetnsCluster:
+        name = f"t{secrets.token_hex(3)}"
+        made.append(name)
+        return netns.up(name, workers, bandwidth, master_bandwidth)
+
+    yield make
+    for name in made:
+        state = netns.load_state(name)
+        netns.down(name)
+        for h in state.hosts if state else ():
+            _reap(h.pid)
+
+
+def host_ssh(c: netns.NetnsCluster, rank: int, *cmd: str) -> subprocess.CompletedProcess:
+    """Run ``cmd`` on host ``rank`` of an emulated cluster with the real ssh client."""
+    h = c.hosts[rank]
+    argv = ssh_argv(c.key_path, c.known_hosts, c.user, h.address, 22, *cmd)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=20,
+                          stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture(name="host_ssh")
+def host_ssh_fixture():
+    """``host_ssh(cluster, rank, *cmd) -> CompletedProcess``, as a fixture."""
+    return host_ssh
