@@ -26,6 +26,7 @@ leaves nothing that ``down`` (or a re-run of ``up``) cannot clean.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import ipaddress
 import json
@@ -36,7 +37,8 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -48,6 +50,7 @@ SYSTEM_PYTHON = "/usr/bin/python3"
 SSHD = "/usr/sbin/sshd"
 SUBNET_BASE = ipaddress.ip_network("10.213.0.0/16")  # one /24 per cluster inside it
 STATE_FILE = "netns.json"
+LOCK_FILE = "/run/relufit-netns.lock"
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
 _SSHD_WAIT_S = 15.0
 
@@ -439,6 +442,13 @@ def _plan(names: Names, workers: int, bandwidth: int | None, master_bandwidth: i
         master_bandwidth_bps=master_bandwidth, hosts=hosts)
 
 
+@contextmanager
+def _subnet_lock() -> Iterator[None]:
+    with open(LOCK_FILE, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 def _make_bridge(c: NetnsCluster) -> None:
     prefix = ipaddress.ip_network(c.subnet).prefixlen
     _run(["ip", "link", "add", c.bridge, "type", "bridge"])
@@ -485,8 +495,14 @@ def up(name: str, workers: int, bandwidth: str | None = None,
         progress(f"Cleaning up an earlier, interrupted `up` of {name}")
         down(name, progress=progress, state_dir=state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
-    c = _plan(names, workers, bw, mbw, state_dir)
-    _write_state(c)  # before anything exists, so `down` knows every name
+    with _subnet_lock():  # two `up`s at once must not pick the same free subnet
+        c = _plan(names, workers, bw, mbw, state_dir)
+        _write_state(c)  # before anything exists, so `down` knows every name
+        try:
+            _make_bridge(c)  # its address marks the subnet as used
+        except BaseException:
+            down(name, progress=progress, state_dir=state_dir)
+            raise
     try:
         return _build(c, names, progress)
     except BaseException:
@@ -498,7 +514,6 @@ def up(name: str, workers: int, bandwidth: str | None = None,
 def _build(c: NetnsCluster, names: Names, progress: Progress) -> NetnsCluster:
     progress(f"Subnet {c.subnet}, bridge {c.bridge} at {c.bridge_address}")
     user_pub = keygen(Path(c.key_path), f"relufit-{c.name}")
-    _make_bridge(c)
     hosts = []
     for h in c.hosts:
         rate = c.master_bandwidth_bps if h.rank == 0 else c.bandwidth_bps
