@@ -66,15 +66,15 @@ class LinkPreset:
     note: str
 
 
-# Compiled 2026-11-26 from AWS's own pages (figures may change; re-check before quoting):
-# - Amazon EC2 Instance Types guide, network specifications of compute optimized (c5, c5n) and
-#   general purpose (m5, t3) instances: docs.aws.amazon.com/ec2/latest/instancetypes/co.html,
-#   .../gp.html ("Baseline / Burst bandwidth (Gbps)" columns);
-# - `aws ec2 describe-instance-types` NetworkInfo.NetworkPerformance ("Up to 10 Gigabit");
-# - EC2 User Guide, "Amazon EC2 instance network bandwidth" (ec2-instance-network-bandwidth):
-#   "up to" sizes have a BASELINE and burst above it on network I/O credits for a limited time
-#   (typically 5 to 60 minutes); single-flow traffic is capped at 5 Gbit/s outside a cluster
-#   placement group (10 Gbit/s inside one).
+# Compiled 2026-11-26 from AWS's own documentation (figures change; re-check before quoting):
+# - "Amazon EC2: Instance Types" guide (2024 edition, docs.aws.amazon.com/ec2/latest/
+#   instancetypes/), "Network specifications" tables, column "Baseline / Burst bandwidth (Gbps)":
+#   compute optimized c5.large 0.75 / 10.0, c5n.large 3.0 / 25.0, c5n.18xlarge "100 Gigabit";
+#   general purpose m5.large 0.75 / 10.0, t3.large 0.512 / 5.0;
+# - `aws ec2 describe-instance-types` NetworkInfo.NetworkPerformance: "Up to 10 Gigabit" (c5.large);
+# - EC2 User Guide, "Amazon EC2 instance network bandwidth": "up to" sizes have a BASELINE and
+#   burst above it on network I/O credits for a limited time (typically 5 to 60 minutes); one
+#   flow is capped at 5 Gbit/s outside a cluster placement group (10 Gbit/s inside one).
 # The plain name is the "up to" (burst) figure; NAME-baseline is the sustained figure, which is
 # what a long experiment on that instance sees.
 PRESETS: dict[str, LinkPreset] = {
