@@ -1,0 +1,538 @@
+"""SSH to the nodes of a cluster, and relufit onto them. The only module that imports paramiko.
+
+- ``connect``: key-only SSH (no password, no agent, no ~/.ssh keys), retried with backoff
+  while sshd comes up (timeouts, refused, no banner yet), failing fast on what retrying
+  cannot fix (authentication, a changed host key). Host keys are pinned on first contact
+  into the cluster's own known_hosts file and checked on every later contact.
+- ``Session``: run a command, upload a file or bytes (with a mode), fetch a directory tree.
+- ``on_all``: the same function on every node, in a bounded thread pool.
+- ``deploy``: build a wheel from the exact local source, gather wheels of every runtime
+  dependency for the node's own Python and platform (a node needs no package index),
+  upload them over SFTP, run ``ami/bootstrap.sh`` and check ``relufit --version``.
+
+Every failure is an ``SSHError`` printed as ``[host] message``.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import paramiko
+
+from orchestrator.errors import RunError, SSHError
+
+Progress = Callable[[str], None]
+T = TypeVar("T")
+
+REMOTE_HOME_DIR = ".relufit"  # relative paths over SSH and SFTP start in the user's home
+REMOTE_VENV = f"{REMOTE_HOME_DIR}/venv"
+REMOTE_RELUFIT = f"{REMOTE_VENV}/bin/relufit"
+REMOTE_WHEELHOUSE = f"{REMOTE_HOME_DIR}/wheelhouse"
+REMOTE_BOOTSTRAP = f"{REMOTE_HOME_DIR}/bootstrap.sh"
+MAX_PARALLEL = 16  # SSH sessions at once; enough for any cluster we launch, polite to sshd
+CONNECT_TIMEOUT_S = 120.0  # overall, while sshd comes up (EC2 boots take a minute)
+ATTEMPT_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class SSHTarget:
+    """How to reach one node."""
+
+    address: str
+    user: str
+    key_path: str
+    known_hosts: str  # the cluster's own file: host keys pinned on first contact
+    port: int = 22
+    label: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.label or (self.address if self.port == 22 else f"{self.address}:{self.port}")
+
+
+# ------------------------------------------------------------------------------ connecting
+
+_known_hosts_lock = threading.Lock()
+
+
+class _PinOnFirstContact(paramiko.MissingHostKeyPolicy):
+    """Accept and save a host key only when the host is absent from the cluster's file.
+
+    paramiko calls this policy only for unknown hosts; a host whose pinned key differs
+    raises BadHostKeyException before we get here, so a changed key is never accepted.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def missing_host_key(self, client, hostname, key) -> None:
+        with _known_hosts_lock:
+            with open(self.path, "a") as f:
+                f.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+        client.get_host_keys().add(hostname, key.get_name(), key)
+
+
+def load_key(target: SSHTarget) -> paramiko.PKey:
+    """The cluster's private key; refuses a key others can read, as OpenSSH does."""
+    path = Path(target.key_path).expanduser()
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise SSHError(target.name, f"no such key file {path}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise SSHError(target.name, f"key {path} is readable by others; run: chmod 600 {path}")
+    try:
+        return paramiko.PKey.from_path(str(path))
+    except paramiko.PasswordRequiredException:
+        raise SSHError(target.name, f"key {path} is passphrase-protected; "
+                                    "use an unencrypted key for the cluster") from None
+    except (paramiko.SSHException, ValueError, OSError) as e:
+        raise SSHError(target.name, f"cannot read key {path}: {e}") from None
+
+
+def _fatal(target: SSHTarget, e: Exception) -> SSHError | None:
+    """The SSHError for a failure that retrying cannot fix; None when it is transient."""
+    if isinstance(e, paramiko.BadHostKeyException):
+        return SSHError(target.name, f"host key changed (now {e.key.get_name()} "
+                        f"{e.key.get_fingerprint().hex()}), refusing to connect; if the host was "
+                        f"really rebuilt, delete its line from {target.known_hosts}")
+    if isinstance(e, paramiko.AuthenticationException):
+        return SSHError(target.name, f"authentication failed for user {target.user!r} with key "
+                        f"{target.key_path} (is its public key in authorized_keys?)")
+    if isinstance(e, (OSError, EOFError, paramiko.SSHException)):
+        return None  # refused, timed out, unreachable, no banner yet, reset during negotiation
+    return SSHError(target.name, f"{type(e).__name__}: {e}")
+
+
+def connect(target: SSHTarget, timeout: float = CONNECT_TIMEOUT_S,
+            attempt_timeout: float = ATTEMPT_TIMEOUT_S) -> paramiko.SSHClient:
+    """An authenticated client, after retries with backoff for at most ``timeout`` seconds."""
+    pkey = load_key(target)
+    known = Path(target.known_hosts)
+    known.parent.mkdir(parents=True, exist_ok=True)
+    known.touch(mode=0o600, exist_ok=True)
+    deadline, delay = time.monotonic() + timeout, 0.2
+    while True:
+        client = paramiko.SSHClient()
+        client.load_host_keys(str(known))
+        client.set_missing_host_key_policy(_PinOnFirstContact(str(known)))
+        try:
+            client.connect(
+                target.address, port=target.port, username=target.user, pkey=pkey,
+                look_for_keys=False, allow_agent=False, timeout=attempt_timeout,
+                banner_timeout=attempt_timeout, auth_timeout=attempt_timeout,
+            )
+            return client
+        except Exception as e:  # noqa: BLE001 - classified right below
+            client.close()
+            err = _fatal(target, e)
+            if err is not None:
+                raise err from None
+            last = f"{type(e).__name__}: {e}"
+        if time.monotonic() + delay > deadline:
+            raise SSHError(target.name, f"unreachable after {timeout:.0f} s ({last})")
+        time.sleep(delay)
+        delay = min(delay * 2, 5.0)
+
+
+# ------------------------------------------------------------------------------ sessions
+
+
+class Session:
+    """One SSH connection to one node. Use as a context manager."""
+
+    def __init__(self, target: SSHTarget, timeout: float = CONNECT_TIMEOUT_S):
+        self.target = target
+        self.client = connect(target, timeout)
+        self._sftp: paramiko.SFTPClient | None = None
+
+    @property
+    def sftp(self) -> paramiko.SFTPClient:
+        if self._sftp is None:
+            self._sftp = self.client.open_sftp()
+        return self._sftp
+
+    def run(self, command: str, check: bool = True, timeout: float | None = None) -> str:
+        """Run ``command`` with sh; its output (stdout and stderr together).
+        A non-zero exit raises SSHError with the last lines of output when ``check``."""
+        rc, out = self.run_rc(command, timeout)
+        if check and rc != 0:
+            tail = " | ".join(out.strip().splitlines()[-5:])
+            raise SSHError(self.target.name, f"exit {rc} from {command.split()[0]}: {tail}")
+        return out
+
+    def run_rc(self, command: str, timeout: float | None = None) -> tuple[int, str]:
+        chan = self.client.get_transport().open_session()
+        try:
+            chan.set_combine_stderr(True)  # one stream: no deadlock on a full stderr window
+            if timeout is not None:
+                chan.settimeout(timeout)
+            chan.exec_command(command)
+            chunks = []
+            try:
+                while data := chan.recv(65536):
+                    chunks.append(data)
+            except TimeoutError:
+                raise SSHError(self.target.name, f"timed out after {timeout} s: "
+                                                 f"{command.split()[0]}") from None
+            return chan.recv_exit_status(), b"".join(chunks).decode(errors="replace")
+        finally:
+            chan.close()
+
+    def stream(self, command: str, on_line: Callable[[str], None]) -> int:
+        """Run ``command``, handing each output line to ``on_line`` as it comes; exit code."""
+        chan = self.client.get_transport().open_session()
+        try:
+            chan.set_combine_stderr(True)
+            chan.exec_command(command)
+            buf = b""
+            while data := chan.recv(65536):
+                buf += data
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    on_line(line.decode(errors="replace"))
+            if buf:
+                on_line(buf.decode(errors="replace"))
+            return chan.recv_exit_status()
+        finally:
+            chan.close()
+
+    def put(self, local: str | Path, remote: str, mode: int = 0o644) -> None:
+        self.sftp.put(str(local), remote)
+        self.sftp.chmod(remote, mode)
+
+    def put_bytes(self, data: bytes, remote: str, mode: int = 0o600) -> None:
+        """Write ``data`` to ``remote``, created with ``mode`` before any byte is written
+        (so a secret is never readable by others, even for a moment)."""
+        with self.sftp.open(remote, "wb") as f:
+            f.chmod(mode)
+            f.write(data)
+
+    def mkdir(self, remote: str, mode: int = 0o700) -> None:
+        self.run(f"mkdir -p -m {mode:o} {shlex.quote(remote)}")
+
+    def listdir_sizes(self, remote: str) -> dict[str, int]:
+        try:
+            return {a.filename: a.st_size for a in self.sftp.listdir_attr(remote)}
+        except FileNotFoundError:
+            return {}
+
+    def get_tree(self, remote: str, local: str | Path) -> int:
+        """Copy the directory ``remote`` to ``local`` (recursively); the number of files."""
+        local = Path(local)
+        local.mkdir(parents=True, exist_ok=True)
+        count = 0
+        for attr in self.sftp.listdir_attr(remote):
+            src, dst = f"{remote}/{attr.filename}", local / attr.filename
+            if stat.S_ISDIR(attr.st_mode):
+                count += self.get_tree(src, dst)
+            elif stat.S_ISREG(attr.st_mode):
+                self.sftp.get(src, str(dst))
+                count += 1
+        return count
+
+    def close(self) -> None:
+        if self._sftp is not None:
+            self._sftp.close()
+        self.client.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def on_all(targets: Iterable[SSHTarget], fn: Callable[[SSHTarget], T],
+           progress: Progress = lambda line: None, max_workers: int = MAX_PARALLEL) -> list[T]:
+    """``fn(target)`` on every target in parallel; results in order. If any failed, every
+    failure is reported through ``progress`` and the first is raised."""
+    targets = list(targets)
+    if not targets:
+        return []
+    with ThreadPoolExecutor(max_workers=min(max_workers, len(targets))) as pool:
+        futures = [pool.submit(fn, t) for t in targets]
+        errors, results = [], []
+        for t, fut in zip(targets, futures, strict=True):
+            try:
+                results.append(fut.result())
+            except SSHError as e:
+                errors.append(e)
+            except (OSError, EOFError, paramiko.SSHException) as e:
+                errors.append(SSHError(t.name, f"{type(e).__name__}: {e}"))
+    if errors:
+        for e in errors[1:]:
+            progress(f"  {e}")
+        raise errors[0]
+    return results
+
+
+# ------------------------------------------------------------------------------ the wheel
+
+def relufit_home() -> Path:
+    return Path(os.environ.get("RELUFIT_HOME") or Path.home() / ".relufit")
+
+
+def source_tree() -> Path:
+    """The source tree this orchestrator runs from (deploy ships exactly this code)."""
+    import orchestrator
+
+    root = Path(orchestrator.__file__).resolve().parents[1]
+    pyproject = root / "pyproject.toml"
+    if not pyproject.exists() or 'name = "relufit"' not in pyproject.read_text():
+        raise RunError(f"deploy needs relufit's source tree, not found above {root}; "
+                       "install relufit with `pip install -e .` from a checkout")
+    return root
+
+
+def _source_files(root: Path) -> list[Path]:
+    files = [root / "pyproject.toml", root / "README.md"]
+    for pkg in ("orchestrator", "worker"):
+        files += sorted(p for p in (root / pkg).rglob("*")
+                        if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc")
+    return [f for f in files if f.exists()]
+
+
+def source_hash(root: Path) -> str:
+    h = hashlib.sha256()
+    for f in _source_files(root):
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def build_wheel(root: Path | None = None) -> Path:
+    """A wheel of the exact local source, cached by the content hash of that source.
+
+    Built from a copy of the hashed files, so the wheel holds exactly what was hashed and
+    the checkout gets no build/ or egg-info litter."""
+    root = root or source_tree()
+    digest = source_hash(root)
+    cache = relufit_home() / "wheels" / digest[:16]
+    found = sorted(cache.glob("relufit-*.whl"))
+    if found:
+        return found[0]
+    with tempfile.TemporaryDirectory(prefix="relufit-build-") as tmp:
+        src = Path(tmp) / "src"
+        for f in _source_files(root):
+            dst = src / f.relative_to(root)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, dst)
+        out = Path(tmp) / "out"
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "--no-deps",
+             "--disable-pip-version-check", "-q", "-w", str(out), str(src)],
+            capture_output=True, text=True)
+        wheels = sorted(out.glob("relufit-*.whl"))
+        if proc.returncode != 0 or not wheels:
+            raise RunError(f"building the relufit wheel failed: {proc.stderr.strip()[-500:]}")
+        cache.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(wheels[0], cache / wheels[0].name)
+    return cache / wheels[0].name
+
+
+def wheel_requirements(wheel: Path) -> list[str]:
+    """Requires-Dist of a wheel, without the extras' requirements."""
+    with zipfile.ZipFile(wheel) as z:
+        name = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+        meta = email.parser.Parser().parsestr(z.read(name).decode())
+    return [r for r in meta.get_all("Requires-Dist") or [] if "extra ==" not in r]
+
+
+# ------------------------------------------------------------------------------ wheelhouse
+
+@dataclass(frozen=True)
+class NodePlatform:
+    """What a node's system python3 is, as far as wheels care."""
+
+    python: str  # "3.11"
+    full_version: str  # "3.11.2"
+    machine: str  # "x86_64", "aarch64"
+    glibc: str  # "2.36"; "" on a non-glibc system
+
+    @property
+    def tag(self) -> str:
+        return f"cp{self.python.replace('.', '')}-{self.platform_tags()[0]}"
+
+    def platform_tags(self) -> list[str]:
+        if not self.glibc:
+            return [f"linux_{self.machine}"]
+        major, minor = (int(x) for x in self.glibc.split(".")[:2])
+        # pip does not expand a manylinux_2_N tag to older glibcs by itself: list them all,
+        # newest first, down to manylinux2014 (glibc 2.17) and its legacy aliases
+        tags = [f"manylinux_{major}_{m}_{self.machine}" for m in range(minor, 16, -1)]
+        legacy = ["manylinux2014"]
+        if self.machine in ("x86_64", "i686"):
+            legacy += ["manylinux2010", "manylinux1"]
+        return tags + [f"{name}_{self.machine}" for name in legacy]
+
+
+PROBE = ("import json, platform, sys; print(json.dumps({'python': '%d.%d' % sys.version_info[:2], "
+         "'full_version': platform.python_version(), 'machine': platform.machine(), "
+         "'glibc': platform.libc_ver()[1] if platform.libc_ver()[0] == 'glibc' else ''}))")
+
+
+def probe_platform(session: Session) -> NodePlatform:
+    out = session.run(f"sh {REMOTE_BOOTSTRAP} probe")
+    for line in reversed(out.strip().splitlines()):
+        if line.startswith("{"):
+            return NodePlatform(**json.loads(line))
+    raise SSHError(session.target.name, f"could not read the node's python3: {out.strip()[-300:]}")
+
+
+def _applicable(requirements: list[str], plat: NodePlatform) -> list[str]:
+    """Requirements whose environment markers hold on the node (not on this machine)."""
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:  # pragma: no cover - pip always vendors it
+        from pip._vendor.packaging.requirements import Requirement
+    env = {"python_version": plat.python, "python_full_version": plat.full_version,
+           "platform_machine": plat.machine, "sys_platform": "linux", "platform_system": "Linux",
+           "os_name": "posix", "implementation_name": "cpython",
+           "platform_python_implementation": "CPython"}
+    out = []
+    for text in requirements:
+        req = Requirement(text)
+        if req.marker is None or req.marker.evaluate(env):
+            req.marker = None
+            out.append(str(req))
+    return out
+
+
+def wheelhouse_dir(plat: NodePlatform) -> Path:
+    base = os.environ.get("RELUFIT_WHEELHOUSE")
+    return Path(base) / plat.tag if base else relufit_home() / "wheelhouse" / plat.tag
+
+
+def build_wheelhouse(plat: NodePlatform, requirements: list[str],
+                     progress: Progress = lambda line: None) -> Path:
+    """Wheels of every runtime dependency (and pip) for ``plat``, downloaded once and kept
+    under RELUFIT_HOME/wheelhouse/<tag>/ (or $RELUFIT_WHEELHOUSE/<tag>/)."""
+    with _wheelhouse_lock:  # nodes of one platform share it: download once
+        return _build_wheelhouse(plat, sorted(_applicable(requirements, plat)) + ["pip"], progress)
+
+
+_wheelhouse_lock = threading.Lock()
+
+
+def _build_wheelhouse(plat: NodePlatform, reqs: list[str], progress: Progress) -> Path:
+    out = wheelhouse_dir(plat)
+    stamp = out / ".requirements"
+    if stamp.exists() and stamp.read_text() == "\n".join(reqs):
+        return out
+    progress(f"downloading wheels for {plat.tag}: {', '.join(reqs)}")
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check",
+           "--only-binary=:all:", "--implementation", "cp", "--python-version", plat.python,
+           "-d", str(out)]
+    for tag in plat.platform_tags():
+        cmd += ["--platform", tag]
+    proc = subprocess.run(cmd + reqs, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RunError(f"could not gather wheels for {plat.tag}: {proc.stderr.strip()[-500:]}")
+    stamp.write_text("\n".join(reqs))
+    return out
+
+
+def dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+
+
+# ------------------------------------------------------------------------------ deploy
+
+def bootstrap_script() -> Path:
+    path = source_tree() / "ami" / "bootstrap.sh"
+    if not path.exists():
+        raise RunError(f"{path} is missing from the source tree")
+    return path
+
+
+@dataclass(frozen=True)
+class NodeReport:
+    """What deploy did on one node."""
+
+    node: str
+    platform: str
+    version: str
+    uploaded_bytes: int
+    seconds: float
+
+
+def upload_missing(session: Session, local_dir: Path, remote_dir: str) -> int:
+    """Upload the files of ``local_dir`` that ``remote_dir`` lacks (same name and size);
+    the number of bytes sent. Wheels are immutable by name, so this is a safe cache."""
+    session.mkdir(remote_dir)
+    have = session.listdir_sizes(remote_dir)
+    sent = 0
+    for f in sorted(local_dir.glob("*.whl")):
+        size = f.stat().st_size
+        if have.get(f.name) != size:
+            session.put(f, f"{remote_dir}/{f.name}")
+            sent += size
+    return sent
+
+
+def install_node(target: SSHTarget, wheel: Path, requirements: list[str],
+                 from_index: bool = False, progress: Progress = lambda line: None) -> NodeReport:
+    """Put relufit on one node: bootstrap script, wheels, venv, install, verify."""
+    t0 = time.monotonic()
+    with Session(target) as s:
+        s.mkdir(REMOTE_HOME_DIR)
+        s.put(bootstrap_script(), REMOTE_BOOTSTRAP, 0o755)
+        plat = probe_platform(s)
+        progress(f"[{target.name}] python {plat.full_version} {plat.machine} ({plat.tag})")
+        sent = 0
+        args = ["install", "--wheel", f"{REMOTE_HOME_DIR}/wheels/{wheel.name}"]
+        if from_index:
+            args.append("--index")
+        else:
+            house = build_wheelhouse(plat, requirements, progress)
+            sent += upload_missing(s, house, REMOTE_WHEELHOUSE)
+            args += ["--wheelhouse", REMOTE_WHEELHOUSE]
+        s.mkdir(f"{REMOTE_HOME_DIR}/wheels")
+        s.put(wheel, f"{REMOTE_HOME_DIR}/wheels/{wheel.name}")
+        sent += wheel.stat().st_size
+        progress(f"[{target.name}] uploaded {sent / 1e6:.1f} MB; installing")
+        s.run(f"sh {REMOTE_BOOTSTRAP} {' '.join(shlex.quote(a) for a in args)}", timeout=900)
+        version = s.run(f"{REMOTE_RELUFIT} --version").strip()
+    seconds = time.monotonic() - t0
+    progress(f"[{target.name}] ok: {version} ({seconds:.1f} s)")
+    return NodeReport(target.name, plat.tag, version, sent, seconds)
+
+
+def deploy(targets: list[SSHTarget], from_index: bool = False,
+           progress: Progress = lambda line: None) -> list[NodeReport]:
+    """Install this exact relufit on every node, in parallel; one report per node."""
+    wheel = build_wheel()
+    progress(f"wheel {wheel.name} ({wheel.stat().st_size / 1e3:.0f} kB, "
+             f"source {wheel.parent.name})")
+    reqs = wheel_requirements(wheel)
+    lock = threading.Lock()
+
+    def one(t: SSHTarget) -> NodeReport:
+        return install_node(t, wheel, reqs, from_index, _locked(progress, lock))
+
+    return on_all(targets, one, progress)
+
+
+def _locked(progress: Progress, lock: threading.Lock) -> Progress:
+    def say(line: str) -> None:
+        with lock:
+            progress(line)
+    return say
