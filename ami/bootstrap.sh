@@ -1,8 +1,10 @@
 #!/bin/sh
 # relufit node bootstrap: idempotent, POSIX sh, root only where it must be.
 #
-#   bootstrap.sh [prepare]     system python3 + venv support (apt-get, as root or via sudo -n);
-#                              what EC2 user-data and the AMI build run. Does nothing if present.
+#   bootstrap.sh [prepare]     system python3 + venv support (apt-get, as root or via sudo -n)
+#                              and the relufit venv; what EC2 user-data and the AMI build run.
+#   bootstrap.sh PIP-ARGS...   prepare, then `pip install PIP-ARGS` into the venv (the EC2
+#                              user-data form, e.g. bootstrap.sh /tmp/relufit-0.1.0-py3-none-any.whl)
 #   bootstrap.sh probe         prepare, then print the system python3's platform as one JSON line
 #   bootstrap.sh install --wheel FILE [--wheelhouse DIR | --index]
 #                              the relufit venv ($RELUFIT_VENV, default ~/.relufit/venv) with
@@ -33,7 +35,9 @@ prepare() {
   say "installing python3 and python3-venv"
   if command -v apt-get >/dev/null 2>&1; then
     export DEBIAN_FRONTEND=noninteractive
-    as_root apt-get update -qq && as_root apt-get install -y -qq python3 python3-venv >/dev/null \
+    # cloud-init may still hold the apt lock at first boot: wait for it rather than fail
+    as_root apt-get -o DPkg::Lock::Timeout=300 update -qq \
+      && as_root apt-get -o DPkg::Lock::Timeout=300 install -y -qq python3 python3-venv >/dev/null \
       || say "could not install python3-venv (no root?); will try a venv without ensurepip"
   elif command -v dnf >/dev/null 2>&1; then
     as_root dnf install -y -q python3 || true
@@ -96,11 +100,10 @@ install() {
   say "installed $("$VENV/bin/relufit" --version)"
 }
 
-cmd="${1:-prepare}"
-[ $# -gt 0 ] && shift
-case "$cmd" in
-  prepare) prepare ;;
+case "${1:-prepare}" in
+  prepare) prepare; make_venv ""; say "venv ready at $VENV" ;;
   probe) probe ;;
-  install) install "$@" ;;
-  *) say "usage: bootstrap.sh [prepare|probe|install --wheel FILE (--wheelhouse DIR|--index)]"; exit 2 ;;
+  install) shift; install "$@" ;;
+  -h|--help) sed -n '2,16p' "$0" ;;
+  *) prepare; make_venv ""; "$VENV/bin/python" -m pip install -q "$@"; say "venv ready at $VENV" ;;
 esac
