@@ -53,7 +53,12 @@ def echo_progress(line: str) -> None:
               help="Override any key of the experiment file; repeatable.")
 @click.option("--out", default="results", show_default=True, type=click.Path(file_okay=False),
               help="Where run directories are written.")
-def run(experiment_file: str, backend: str | None, overrides: tuple[str, ...], out: str) -> None:
+@click.option("--bind", default="tcp://0.0.0.0:5555", hidden=True,
+              help="listen backend: the master's address; agents connect to it.")
+@click.option("--curve-dir", default=None, hidden=True, type=click.Path(file_okay=False),
+              help="listen backend: CurveZMQ keys (server.key_secret, clients' *.key).")
+def run(experiment_file: str, backend: str | None, overrides: tuple[str, ...], out: str,
+        bind: str, curve_dir: str | None) -> None:
     """Run EXPERIMENT_FILE (TOML): every trial of its sweep, written to OUT/<run-id>/."""
     from orchestrator.config import load_experiment
     from orchestrator.providers import DEFAULT_BACKEND, open_pool
@@ -61,10 +66,31 @@ def run(experiment_file: str, backend: str | None, overrides: tuple[str, ...], o
 
     exp = load_experiment(experiment_file, list(overrides))
     backend = backend or DEFAULT_BACKEND
-    with open_pool(backend, exp) as pool:
+    options = {"bind": bind, "curve_dir": curve_dir, "progress": echo_progress}
+    with open_pool(backend, exp, **(options if backend == "listen" else {})) as pool:
         path = run_experiment(exp, pool, out, backend, progress=echo_progress)
     click.echo(str(path))
 # ---------------------------------------------------------------- agent (engine)
+
+
+@cli.command()
+@click.option("--master", required=True, metavar="tcp://HOST:PORT",
+              help="The master's address (relufit run prints it).")
+@click.option("--rank", type=int, default=None, help="This worker's rank (default: the master "
+              "assigns the lowest free one).")
+@click.option("--timeout", type=float, default=60.0, show_default=True,
+              help="Seconds to wait for the master before it has answered.")
+@click.option("--curve-dir", default=None, type=click.Path(file_okay=False),
+              help="CurveZMQ: a directory with server.key and client.key_secret.")
+def agent(master: str, rank: int | None, timeout: float, curve_dir: str | None) -> None:
+    """Serve the master's trials as one worker until it says STOP or goes silent."""
+    from worker.agent import AgentError, AgentOptions, run_agent
+
+    try:
+        code = run_agent(AgentOptions(master, rank, timeout, curve_dir))
+    except AgentError as e:
+        raise click.ClickException(str(e)) from None
+    raise SystemExit(code)
 # ---------------------------------------------------------------- report
 # ---------------------------------------------------------------- cluster (ec2, hosts, netns)
 # ------------------------------------------------------- deploy / fetch / logs / stop / ami
@@ -73,3 +99,7 @@ def run(experiment_file: str, backend: str | None, overrides: tuple[str, ...], o
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="relufit")
+
+
+if __name__ == "__main__":  # `python -m orchestrator.cli`: how the local backend starts agents
+    main()

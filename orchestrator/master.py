@@ -1,0 +1,410 @@
+"""The round coordinator over ZeroMQ: ``ZmqPool`` is a ``WorkerPool`` whose workers are
+agent processes (``relufit agent``) connected to one ROUTER socket.
+
+It registers workers (HELLO -> WELCOME, protocol version checked), sends each trial's spec,
+and drives the rounds that ``trial.run_trial`` asks for: in ``ps`` the float32 weights go
+down and each worker's encoded gradient comes up; in ``allgather`` each worker gets the
+other workers' gradients of the last round (it re-inserts its own) and applies the same
+update as the master's replica. Bytes are counted as they cross the socket, headers
+included. Heartbeats run both ways; the poll timeout is the heartbeat interval; a worker
+silent for ``heartbeat_liveness`` intervals is lost, and stays lost for the rest of the run
+(later trials run without it and report it in their first round).
+
+Every frame that fails to parse, comes from an unknown identity or belongs to a stale
+round is dropped and logged; nothing a peer sends can crash the master.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from orchestrator.errors import RunError
+from orchestrator.trial import Exchange, Reply
+from worker import protocol
+from worker.node import TrialSpec
+from worker.protocol import Liveness, ProtocolError, VersionMismatch
+
+log = logging.getLogger("relufit.master")
+
+MAX_DRAIN = 1000  # messages handled per poll, so a flood cannot starve heartbeats
+STOP_LINGER_MS = 1000
+
+
+def payload_cap(d: int) -> int:
+    """Largest gradient payload accepted for dimension ``d``: float32 is 4d bytes; QSGD's
+    worst case (every coordinate nonzero, one bucket per coordinate, levels near 2^31) is
+    under 12 bytes a coordinate plus its header."""
+    return 16 * d + 65536
+
+
+@dataclass
+class _Worker:
+    rank: int
+    identity: bytes
+    live: Liveness
+    pid: int = 0
+    lost: str = ""  # the reason, once lost
+    reported: bool = False  # the loss has been handed to run_trial
+    ready: bool = False
+
+
+@dataclass
+class _Round:
+    trial: int
+    round: int
+    pending: set[int]
+    replies: dict[int, Reply] = field(default_factory=dict)
+    busy_s: dict[int, float] = field(default_factory=dict)  # apply + compute + encode
+    bytes_up: int = 0
+
+
+class ZmqPool:
+    """A ``WorkerPool`` over a ROUTER socket. Call ``wait_for_workers`` before the first trial
+    and ``close`` at the end (it sends STOP to every agent)."""
+
+    def __init__(
+        self,
+        bind: str,
+        workers: int,
+        heartbeat_interval: float = 1.0,
+        heartbeat_liveness: int = 3,
+        max_d: int = 1 << 20,
+        curve_dir: str | Path | None = None,
+    ):
+        self.workers = workers
+        self.interval, self.liveness = heartbeat_interval, heartbeat_liveness
+        self.max_payload = payload_cap(max_d)
+        self.ctx = zmq.Context()
+        self.auth = None
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        s = self.sock
+        s.setsockopt(zmq.LINGER, STOP_LINGER_MS)
+        s.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a vanished peer fails, not vanishes
+        s.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting agent keeps its identity
+        s.setsockopt(zmq.MAXMSGSIZE, max(self.max_payload, protocol.MAX_HEADER))
+        try:
+            if curve_dir is not None:
+                self.auth = set_server_curve(s, self.ctx, Path(curve_dir))
+            s.bind(bind)
+        except zmq.ZMQError as e:
+            self.close()
+            raise RunError(f"cannot listen on {bind}: {e}") from None
+        except RunError:
+            self.close()
+            raise
+        self.endpoint = s.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.by_identity: dict[bytes, _Worker] = {}
+        self.by_rank: dict[int, _Worker] = {}
+        self.refused: list[str] = []  # version mismatches, reported by wait_for_workers
+        self.spec: TrialSpec | None = None
+        self.round: _Round | None = None
+        self.dropped = 0
+        self.closed = False
+        self.processes: list[Any] = []  # agent processes, when a provider started them
+
+    @classmethod
+    def for_experiment(cls, exp: Any, bind: str, curve_dir: str | Path | None = None) -> ZmqPool:
+        """A pool sized for every trial of ``exp``: as many workers as its largest trial."""
+        trials = exp.trials()
+        k = exp.cluster
+        return cls(bind, max(t.spec.workers for t in trials), k.heartbeat_interval,
+                   k.heartbeat_liveness, max(t.spec.d for t in trials), curve_dir)
+
+    # ------------------------------------------------------------ WorkerPool
+
+    def wait_for_workers(self, timeout: float, check: Callable[[], None] = lambda: None) -> None:
+        """Block until all workers said HELLO; RunError naming the missing ranks otherwise.
+        ``check`` is called every poll (the local backend checks its processes there)."""
+        deadline = time.monotonic() + timeout
+        while len(self.by_rank) < self.workers:
+            if self.refused:
+                raise RunError(self.refused[0])
+            check()
+            if time.monotonic() > deadline:
+                missing = sorted(set(range(self.workers)) - set(self.by_rank))
+                raise RunError(
+                    f"{len(missing)} of {self.workers} workers did not connect to "
+                    f"{self.endpoint} within {timeout:g} s (missing ranks: "
+                    f"{', '.join(map(str, missing))}); are the agents running "
+                    f"`relufit agent --master {self.endpoint}`?"
+                )
+            self._pump()
+        if self.refused:
+            raise RunError(self.refused[0])
+
+    def start_trial(self, spec: TrialSpec) -> None:
+        if spec.workers > self.workers:
+            raise RunError(f"trial {spec.trial} needs {spec.workers} workers, pool has "
+                           f"{self.workers}")
+        self.spec, self.round = spec, None
+        for w in self._members(lost=True):  # lost in an earlier trial: this one reports it too
+            w.reported = False
+        body = spec.to_dict()
+        for w in self._members():
+            w.ready = False
+            self._send(w, protocol.build(protocol.TRIAL, trial=spec.trial, spec=body))
+        while any(not w.ready for w in self._members()):
+            self._pump()
+
+    def exchange(self, round_: int, down: bytes | None, relay: list[Reply]) -> Exchange:
+        spec = self.spec
+        if spec is None:
+            raise RuntimeError("exchange() before start_trial()")
+        t0 = time.perf_counter()
+        members = self._members()
+        rnd = _Round(spec.trial, round_, {w.rank for w in members})
+        self.round = rnd
+        ranks = [rep.rank for rep in relay]
+        bytes_down = 0
+        for w in members:
+            if down is not None:
+                frames = protocol.build(protocol.ROUND, [down], pad=protocol.ROUND_HEADER,
+                                        trial=spec.trial, round=round_)
+            else:
+                others = [rep.payload for rep in relay if rep.rank != w.rank]
+                frames = protocol.build(protocol.ROUND, others, trial=spec.trial,
+                                        round=round_, ranks=ranks)
+            self._send(w, frames)
+            bytes_down += sum(protocol.frame_bytes(f) for f in frames)
+        while rnd.pending:
+            self._pump()
+            rnd.pending -= {w.rank for w in self._members(lost=True)}
+        self.round = None
+        replies = [rnd.replies[r] for r in sorted(rnd.replies)]
+        slowest = max(rnd.busy_s.values(), default=0.0)
+        wall = time.perf_counter() - t0
+        return Exchange(replies, rnd.bytes_up, bytes_down, max(0.0, wall - slowest),
+                        self._new_losses())
+
+    def end_trial(self) -> None:
+        self.spec, self.round = None, None
+
+    def close(self) -> None:
+        """STOP every agent still with us, then close the socket (lingering so STOP leaves)."""
+        if getattr(self, "closed", False):
+            return
+        self.closed = True
+        for w in getattr(self, "by_rank", {}).values():
+            if not w.lost:
+                self._send(w, protocol.build(protocol.STOP))
+        self.sock.close(linger=STOP_LINGER_MS)
+        if self.auth is not None:
+            self.auth.stop()
+        self.ctx.term()
+
+    # ------------------------------------------------------------ internals
+
+    def _members(self, lost: bool = False) -> list[_Worker]:
+        """The current trial's workers (ranks below its worker count), alive or lost."""
+        n = self.spec.workers if self.spec else self.workers
+        return [w for r, w in sorted(self.by_rank.items()) if r < n and bool(w.lost) == lost]
+
+    def _new_losses(self) -> list[tuple[int, str]]:
+        out = []
+        for w in self._members(lost=True):
+            if not w.reported:
+                w.reported = True
+                out.append((w.rank, w.lost))
+        return out
+
+    def _lose(self, w: _Worker, why: str) -> None:
+        if not w.lost:
+            log.warning("worker %d lost: %s", w.rank, why)
+            w.lost = why
+
+    def _pump(self) -> None:
+        """One poll of at most a heartbeat interval, then liveness and heartbeats."""
+        now = time.monotonic()
+        alive = [w for w in self.by_rank.values() if not w.lost]
+        wait = min([self.interval] + [w.live.next_deadline(now) for w in alive])
+        if self.sock.poll(max(1, int(1000 * wait))):
+            for _ in range(MAX_DRAIN):
+                try:
+                    frames = self.sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                self._on_frames(frames, time.monotonic())
+        now = time.monotonic()
+        for w in alive:
+            if w.live.expired(now):
+                self._lose(w, f"silent for {now - w.live.last_heard:.2f} s (heartbeat "
+                              f"{self.interval:g} s x {self.liveness})")
+            elif w.live.heartbeat_due(now):
+                self._send(w, protocol.build(protocol.HEARTBEAT))
+
+    def _send(self, w: _Worker, frames: list[Any]) -> None:
+        big = sum(protocol.frame_bytes(f) for f in frames) >= 65536
+        try:
+            self.sock.send_multipart([w.identity, *frames], flags=zmq.NOBLOCK, copy=not big)
+        except zmq.ZMQError as e:  # gone (EHOSTUNREACH) or not draining: liveness decides
+            log.debug("send to worker %d failed: %s", w.rank, e)
+        w.live.sent(time.monotonic())
+
+    def _drop(self, why: str) -> None:
+        self.dropped += 1
+        if self.dropped <= 10 or self.dropped % 100 == 0:
+            log.warning("dropped a frame (%d so far): %s", self.dropped, why)
+
+    def _on_frames(self, frames: list[Any], now: float) -> None:
+        identity = frames[0].bytes
+        w = self.by_identity.get(identity)
+        if w is not None and w.lost:
+            return  # a lost worker stays lost
+        if w is not None:
+            w.live.heard(now)  # any traffic counts as a heartbeat
+        try:
+            msg = protocol.parse(frames[1:], self.max_payload)
+            if w is None:
+                self._on_stranger(identity, msg, now)
+            else:
+                self._on_message(w, msg)
+        except ProtocolError as e:
+            self._drop(f"from {f'worker {w.rank}' if w else 'an unknown peer'}: {e}")
+
+    def _on_stranger(self, identity: bytes, msg: protocol.Message, now: float) -> None:
+        if msg.type != protocol.HELLO:
+            raise ProtocolError(f"{msg.type} from an identity that never said HELLO")
+        try:
+            protocol.check_version(msg)
+        except VersionMismatch as e:
+            why = (f"protocol version mismatch: the agent (pid {msg.get('pid')}) speaks version "
+                   f"{e.theirs}, this master speaks {e.ours}; install the same relufit on "
+                   f"every node")
+            self._refuse(identity, why)
+            self.refused.append(why)
+            raise ProtocolError(why) from None
+        rank = msg.get("rank")
+        free = [r for r in range(self.workers) if r not in self.by_rank]
+        if rank is None:
+            if not free:
+                self._refuse(identity, f"the master already has its {self.workers} workers")
+                raise ProtocolError("HELLO with no free rank")
+            rank = free[0]
+        elif rank not in free:
+            why = (f"rank {rank} is out of range for {self.workers} workers" if rank >= self.workers
+                   else f"rank {rank} is already taken")
+            self._refuse(identity, why)
+            raise ProtocolError(f"HELLO refused: {why}")
+        w = _Worker(rank, identity, Liveness.start(self.interval, self.liveness, now),
+                    msg.get("pid"))
+        self.by_identity[identity], self.by_rank[rank] = w, w
+        self._send(w, protocol.build(protocol.WELCOME, rank=rank,
+                                     heartbeat_interval=self.interval,
+                                     heartbeat_liveness=self.liveness))
+
+    def _refuse(self, identity: bytes, why: str) -> None:
+        try:
+            self.sock.send_multipart([identity, *protocol.build(protocol.ERROR, message=why)],
+                                     flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+
+    def _on_message(self, w: _Worker, msg: protocol.Message) -> None:
+        t = msg.type
+        if t == protocol.HEARTBEAT:
+            return
+        if t == protocol.ERROR:
+            self._lose(w, f"the agent reported: {msg.get('message')}")
+        elif t == protocol.HELLO:  # the agent said HELLO again: welcome it again
+            self._send(w, protocol.build(protocol.WELCOME, rank=w.rank,
+                                         heartbeat_interval=self.interval,
+                                         heartbeat_liveness=self.liveness))
+        elif t == protocol.READY:
+            if self.spec is None or msg.get("trial") != self.spec.trial:
+                raise ProtocolError(f"stale READY for trial {msg.get('trial')}")
+            w.ready = True
+        elif t == protocol.GRADIENT:
+            self._on_gradient(w, msg)
+        else:
+            raise ProtocolError(f"{t} is not a message for the master")
+
+    def _on_gradient(self, w: _Worker, msg: protocol.Message) -> None:
+        rnd, spec = self.round, self.spec
+        if rnd is None or spec is None or (msg.get("trial"), msg.get("round")) != (
+                rnd.trial, rnd.round) or w.rank not in rnd.pending:
+            raise ProtocolError(f"stale GRADIENT for trial {msg.get('trial')} round "
+                                f"{msg.get('round')} from worker {w.rank}")
+        payload = msg.payloads[0]
+        check_payload(protocol.buffer(payload), spec)
+        rnd.pending.discard(w.rank)
+        compute_s, encode_s = msg.get("compute_s"), msg.get("encode_s")
+        rnd.replies[w.rank] = Reply(w.rank, protocol.buffer(payload), compute_s, encode_s)
+        rnd.busy_s[w.rank] = msg.get("apply_s") + compute_s + encode_s
+        rnd.bytes_up += msg.header_bytes + protocol.frame_bytes(payload)
+
+
+@contextmanager
+def listen_pool(
+    exp: Any, bind: str, curve_dir: str | Path | None = None,
+    progress: Callable[[str], None] = lambda line: None,
+) -> Iterator[ZmqPool]:
+    """The master of a cluster whose agents are started elsewhere (the SSH backends): bind
+    ``bind``, wait ``connect_timeout`` for every rank, STOP them all at the end."""
+    pool = ZmqPool.for_experiment(exp, bind, curve_dir)
+    try:
+        progress(f"waiting for {pool.workers} agents at {pool.endpoint}"
+                 + (" (CurveZMQ)" if curve_dir else ""))
+        pool.wait_for_workers(exp.cluster.connect_timeout)
+        yield pool
+    finally:
+        pool.close()
+
+
+_QSGD_HEAD = struct.Struct("<4sBBBBIIII")
+
+
+def check_payload(payload: Any, spec: TrialSpec) -> None:
+    """Cheap structural check of a gradient before it reaches ``aggregate``: float32 is
+    exactly 4d bytes; a QSGD payload must announce this trial's d and levels."""
+    n = protocol.frame_bytes(payload)
+    if spec.scheme == "none":
+        if n != 4 * spec.d:
+            raise ProtocolError(f"float32 gradient of {n} bytes, expected {4 * spec.d}")
+        return
+    if n < _QSGD_HEAD.size:
+        raise ProtocolError(f"QSGD gradient of {n} bytes is shorter than its header")
+    magic, _, _, _, _, d, levels, _, _ = _QSGD_HEAD.unpack_from(payload)
+    if magic != b"QSGD" or d != spec.d or levels != spec.levels:
+        raise ProtocolError("QSGD gradient does not match the trial (magic, d or levels)")
+
+
+def set_server_curve(sock: zmq.Socket, ctx: zmq.Context, curve_dir: Path) -> Any:
+    """CurveZMQ server: our key pair from ``server.key_secret``; only clients whose public
+    key is a ``*.key`` file in ``curve_dir`` may connect. Returns the running authenticator."""
+    from zmq.auth.thread import ThreadAuthenticator
+
+    from worker.agent import AgentError, load_key
+
+    try:
+        public, secret = load_key(curve_dir / "server.key_secret", secret=True)
+    except AgentError as e:
+        raise RunError(str(e)) from None
+    if secret is None:
+        raise RunError(f"{curve_dir / 'server.key_secret'}: holds no secret key")
+    auth = ThreadAuthenticator(ctx, log=logging.getLogger("relufit.master.auth"))
+    auth.start()
+    auth.configure_curve(domain="*", location=str(curve_dir))
+    sock.curve_secretkey, sock.curve_publickey = secret, public
+    sock.curve_server = True
+    return auth
+
+
+def create_curve_keys(curve_dir: str | Path) -> Path:
+    """A fresh server and client key pair in ``curve_dir`` (secret files mode 0600)."""
+    import zmq.auth
+
+    path = Path(curve_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    for name in ("server", "client"):
+        _, secret = zmq.auth.create_certificates(str(path), name)
+        Path(secret).chmod(0o600)
+    return path

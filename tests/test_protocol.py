@@ -1,0 +1,138 @@
+"""worker.protocol: pure frame building/parsing and heartbeat liveness (no sockets)."""
+
+import json
+
+import pytest
+
+from worker import protocol as p
+from worker.protocol import Liveness, ProtocolError, VersionMismatch
+
+
+def roundtrip(frames):
+    return p.parse([bytes(f) for f in frames])
+
+
+def test_every_message_type_round_trips():
+    cases = [
+        (p.HELLO, [], {"rank": None, "pid": 12}),
+        (p.HELLO, [], {"rank": 3, "pid": 12}),
+        (p.WELCOME, [], {"rank": 1, "heartbeat_interval": 0.5, "heartbeat_liveness": 3}),
+        (p.TRIAL, [], {"trial": 2, "spec": {"d": 10}}),
+        (p.READY, [], {"trial": 2}),
+        (p.ROUND, [b"\x00" * 40], {"trial": 0, "round": 5}),
+        (p.ROUND, [b"a", b"bc"], {"trial": 0, "round": 5, "ranks": [0, 2, 3]}),
+        (p.GRADIENT, [b"xyz"], {"trial": 1, "round": 0, "compute_s": 0.1, "encode_s": 0,
+                                "apply_s": 0.0}),
+        (p.HEARTBEAT, [], {}),
+        (p.STOP, [], {}),
+        (p.ERROR, [], {"message": "no"}),
+    ]
+    for type_, payloads, fields in cases:
+        msg = roundtrip(p.build(type_, payloads, **fields))
+        assert msg.type == type_ and msg.payloads == payloads
+        assert {k: msg.header[k] for k in fields} == fields
+
+
+def test_padded_headers_have_a_fixed_size_and_still_parse():
+    a = p.build(p.GRADIENT, [b"x"], pad=p.GRADIENT_HEADER, trial=0, round=1, compute_s=0.0,
+                encode_s=0.0, apply_s=0.0)
+    b = p.build(p.GRADIENT, [b"x"], pad=p.GRADIENT_HEADER, trial=123456, round=98765432,
+                compute_s=1.2345678901234567, encode_s=9.87654321e-05, apply_s=3.3e-7)
+    assert len(a[0]) == len(b[0]) == p.GRADIENT_HEADER
+    assert roundtrip(b).header["round"] == 98765432
+    assert roundtrip(b).header_bytes == p.GRADIENT_HEADER
+
+
+def hdr(**h):
+    return json.dumps(h).encode()
+
+
+MALFORMED = [
+    [],
+    [b""],
+    [b"\xff\xfe"],
+    [b"not json"],
+    [b"[1, 2]"],
+    [b"null"],
+    [hdr(type="HEARTBEAT")],  # no version
+    [hdr(v="1", type="HEARTBEAT")],
+    [hdr(v=True, type="HEARTBEAT")],
+    [hdr(v=1, type="NOPE")],
+    [hdr(v=1, type=["ROUND"])],
+    [hdr(v=1, type="ROUND", trial=0)],  # no round
+    [hdr(v=1, type="ROUND", trial=0, round="3")],
+    [hdr(v=1, type="ROUND", trial=0, round=-1)],
+    [hdr(v=1, type="ROUND", trial=0, round=2, ranks=[2, 1]), b"a"],
+    [hdr(v=1, type="ROUND", trial=0, round=2, ranks="01")],
+    [hdr(v=1, type="GRADIENT", trial=0, round=0, compute_s=0, encode_s=0, apply_s=0)],
+    [hdr(v=1, type="GRADIENT", trial=0, round=0, compute_s=-1, encode_s=0, apply_s=0), b"x"],
+    [hdr(v=1, type="GRADIENT", trial=0, round=0, compute_s=0, encode_s=0, apply_s=0), b"x",
+     b"y"],
+    [b'{"v":1,"type":"GRADIENT","trial":0,"round":0,"compute_s":NaN,"encode_s":0,'
+     b'"apply_s":0}', b"x"],
+    [b'{"v":1,"type":"GRADIENT","trial":0,"round":0,"compute_s":1e999,"encode_s":0,'
+     b'"apply_s":0}', b"x"],
+    [hdr(v=1, type="HEARTBEAT"), b"unexpected payload"],
+    [hdr(v=1, type="TRIAL", trial=0)],
+    [hdr(v=1, type="TRIAL", trial=0, spec=[1])],
+    [hdr(v=1, type="HELLO", pid=1, rank=-2)],
+    [hdr(v=1, type="HELLO", pid=1, rank="0")],
+    [hdr(v=1, type="WELCOME", rank=0, heartbeat_interval=0, heartbeat_liveness=3)],
+    [hdr(v=1, type="ERROR", message=5)],
+    [hdr(v=1, type="READY", trial=2**70)],
+    [b"[" * 100000],  # deep nesting, and longer than the header cap
+    [b"[" * 5000 + b"]" * 5000],
+    [b" " * (p.MAX_HEADER + 1)],
+]
+
+
+@pytest.mark.parametrize("frames", MALFORMED, ids=range(len(MALFORMED)))
+def test_malformed_input_raises_protocol_error(frames):
+    with pytest.raises(ProtocolError):
+        p.parse(frames)
+
+
+def test_oversized_payload_is_refused():
+    frames = p.build(p.ROUND, [b"x" * 101], trial=0, round=0)
+    p.parse(frames, max_payload=101)
+    with pytest.raises(ProtocolError, match="exceeds"):
+        p.parse(frames, max_payload=100)
+
+
+def test_random_bytes_never_escape_as_another_exception():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        n = int(rng.integers(1, 4))
+        frames = [rng.bytes(int(rng.integers(0, 64))) for _ in range(n)]
+        if rng.random() < 0.5:  # a JSON-ish prefix gets further into the checks
+            frames[0] = b'{"v":1,"type":"' + rng.choice(list(p.SCHEMA)).encode() + b'"' + frames[0]
+        try:
+            p.parse(frames)
+        except ProtocolError:
+            pass
+
+
+def test_version_mismatch_is_its_own_error_but_hello_and_error_still_parse():
+    with pytest.raises(VersionMismatch) as e:
+        p.parse([hdr(v=2, type="ROUND", trial=0, round=0)])
+    assert e.value.theirs == 2 and e.value.ours == p.VERSION
+    hello = p.parse([hdr(v=7, type="HELLO", pid=3, rank=None)])  # readable, to refuse it
+    with pytest.raises(VersionMismatch, match="7"):
+        p.check_version(hello)
+    err = p.parse([hdr(v=7, type="ERROR", message="you are too old")])
+    assert err.header["message"] == "you are too old"
+
+
+def test_liveness_expires_after_exactly_liveness_intervals_of_silence():
+    lv = Liveness.start(interval=0.5, liveness=3, now=100.0)
+    assert not lv.expired(101.5) and lv.expired(101.51)
+    lv.heard(101.0)  # any traffic resets it
+    assert not lv.expired(102.5) and lv.expired(102.51)
+    assert not lv.heartbeat_due(100.4) and lv.heartbeat_due(100.5)
+    lv.sent(100.5)
+    assert not lv.heartbeat_due(100.9) and lv.heartbeat_due(101.0)
+    assert lv.next_deadline(100.6) == pytest.approx(0.4)  # the next heartbeat
+    lv.heard(90.0)  # an old timestamp never moves it back
+    assert lv.last_heard == 101.0

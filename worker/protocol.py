@@ -1,0 +1,254 @@
+"""Wire frames between the master (ROUTER) and the agents (DEALER): build, parse, validate.
+
+Pure: no sockets, no clock. A message is ``[header, payload...]``: the header is a small
+JSON object with ``v`` (protocol version), ``type`` and the fields of that type; payloads
+are raw bytes (float32 weights, encoded gradients). Nothing is pickled. Every check of a
+frame that came from the network raises ``ProtocolError``, which the receiver logs before
+dropping the frame: a malformed frame never crashes anyone.
+
+Conversation (master M, agent A):
+
+    A -> M  HELLO      {rank | null, pid}           version checked here, both ways
+    M -> A  WELCOME    {rank, heartbeat_interval, heartbeat_liveness}
+    M -> A  TRIAL      {spec}                        the TrialSpec as JSON
+    A -> M  READY      {trial}                       shard built
+    M -> A  ROUND      {trial, round, ranks?}        ps: [float32 weights];
+                                                     allgather: [others' last payloads]
+    A -> M  GRADIENT   {trial, round, compute_s, encode_s, apply_s}  [encoded gradient]
+    both    HEARTBEAT  {}                            any traffic also counts as one
+    M -> A  STOP       {}                            the run is over: exit 0
+    both    ERROR      {message}                     the peer gives up (e.g. version mismatch)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+VERSION = 1
+
+HELLO = "HELLO"
+WELCOME = "WELCOME"
+TRIAL = "TRIAL"
+READY = "READY"
+ROUND = "ROUND"
+GRADIENT = "GRADIENT"
+HEARTBEAT = "HEARTBEAT"
+STOP = "STOP"
+ERROR = "ERROR"
+
+MAX_HEADER = 64 * 1024  # bytes; a TRIAL spec or an allgather rank list fits with room to spare
+MAX_RANKS = 4096
+MAX_MESSAGE = 400  # characters of an ERROR message kept
+# GRADIENT and ps ROUND headers are padded with spaces (valid JSON whitespace) to a fixed
+# size, so a round's framing overhead is a constant: bytes_up = payloads + M * GRADIENT_HEADER.
+GRADIENT_HEADER = 160
+ROUND_HEADER = 96
+
+_INT, _NUM, _STR = "int", "num", "str"
+# The fields each type must carry (beyond v and type), and their kinds.
+SCHEMA: dict[str, dict[str, str]] = {
+    HELLO: {"pid": _INT},
+    WELCOME: {"rank": _INT, "heartbeat_interval": _NUM, "heartbeat_liveness": _INT},
+    TRIAL: {"trial": _INT},
+    READY: {"trial": _INT},
+    ROUND: {"trial": _INT, "round": _INT},
+    GRADIENT: {"trial": _INT, "round": _INT, "compute_s": _NUM, "encode_s": _NUM,
+               "apply_s": _NUM},
+    HEARTBEAT: {},
+    STOP: {},
+    ERROR: {"message": _STR},
+}
+PAYLOADS = {  # how many payload frames each type may carry: (min, max)
+    ROUND: (0, MAX_RANKS), GRADIENT: (1, 1),
+}
+# Types readable whatever the sender's version, so a mismatch can be reported clearly.
+ANY_VERSION = (HELLO, ERROR)
+
+
+class ProtocolError(ValueError):
+    """A frame that does not follow the protocol; the receiver logs it and drops it."""
+
+
+class VersionMismatch(ProtocolError):
+    def __init__(self, theirs: Any, ours: int = VERSION):
+        self.theirs, self.ours = theirs, ours
+        super().__init__(f"peer speaks protocol version {theirs!r}, this side speaks {ours}")
+
+
+@dataclass
+class Message:
+    type: str
+    header: dict[str, Any]
+    payloads: list[Any] = field(default_factory=list)  # bytes, memoryview or zmq.Frame
+    header_bytes: int = 0  # length of the header frame as received
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.header.get(key, default)
+
+
+def build(type_: str, payloads: tuple | list = (), pad: int = 0, **fields: Any) -> list[Any]:
+    """Frames of one message: the JSON header, then the payloads untouched (zero-copy)."""
+    if type_ not in SCHEMA:
+        raise ValueError(f"unknown message type {type_!r}")
+    header = json.dumps({"v": VERSION, "type": type_, **fields}, separators=(",", ":"),
+                        allow_nan=False).encode()
+    if len(header) < pad:
+        header += b" " * (pad - len(header))
+    return [header, *payloads]
+
+
+def parse(frames: list[Any], max_payload: int | None = None) -> Message:
+    """Validate one received message; raises ProtocolError (VersionMismatch on a version
+    this side does not speak, unless the type is readable at any version)."""
+    if not frames:
+        raise ProtocolError("empty message")
+    if _length(frames[0]) > MAX_HEADER:
+        raise ProtocolError(f"header of {_length(frames[0])} bytes exceeds {MAX_HEADER}")
+    raw = _bytes(frames[0])
+    try:
+        header = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ProtocolError(f"header is not JSON: {str(e)[:80]}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("header is not a JSON object")
+    type_, v = header.get("type"), header.get("v")
+    if not isinstance(type_, str) or type_ not in SCHEMA:
+        raise ProtocolError(f"unknown message type {str(type_)[:40]!r}")
+    if not _is_int(v):
+        raise ProtocolError("header has no integer protocol version 'v'")
+    if v != VERSION and type_ not in ANY_VERSION:
+        raise VersionMismatch(v)
+    for name, kind in SCHEMA[type_].items():
+        _check_field(header, name, kind)
+    payloads = frames[1:]
+    lo, hi = PAYLOADS.get(type_, (0, 0))
+    if not lo <= len(payloads) <= hi:
+        raise ProtocolError(f"{type_} carries {len(payloads)} payload frames, expected {lo}..{hi}")
+    if max_payload is not None:
+        for p in payloads:
+            if _length(p) > max_payload:
+                raise ProtocolError(f"payload of {_length(p)} bytes exceeds {max_payload}")
+    _check_extras(type_, header, len(payloads))
+    return Message(type_, header, list(payloads), _length(frames[0]))
+
+
+def check_version(msg: Message) -> None:
+    """HELLO and ERROR parse at any version; the receiver calls this to refuse a stranger."""
+    if msg.header["v"] != VERSION:
+        raise VersionMismatch(msg.header["v"])
+
+
+def _check_extras(type_: str, header: dict[str, Any], n_payloads: int) -> None:
+    if type_ == HELLO:
+        rank = header.get("rank")
+        if rank is not None and not (_is_int(rank) and 0 <= rank < 1 << 20):
+            raise ProtocolError(f"HELLO rank must be null or a small integer, got {rank!r}")
+    elif type_ == TRIAL:
+        if not isinstance(header.get("spec"), dict):
+            raise ProtocolError("TRIAL carries no spec object")
+    elif type_ == ROUND and "ranks" in header:
+        ranks = header["ranks"]
+        if not (isinstance(ranks, list) and len(ranks) <= MAX_RANKS
+                and all(_is_int(r) and r >= 0 for r in ranks) and ranks == sorted(set(ranks))):
+            raise ProtocolError("ROUND ranks must be a sorted list of distinct ranks")
+    elif type_ == WELCOME:
+        if header["heartbeat_interval"] <= 0 or header["heartbeat_liveness"] < 1:
+            raise ProtocolError("WELCOME heartbeat settings must be positive")
+    elif type_ == GRADIENT:
+        for key in ("compute_s", "encode_s", "apply_s"):
+            if header[key] < 0:
+                raise ProtocolError(f"GRADIENT {key} must be >= 0")
+    if type_ in (TRIAL, READY, ROUND, GRADIENT):
+        for key in ("trial", "round"):
+            if key in header and header[key] < 0:
+                raise ProtocolError(f"{type_} {key} must be >= 0")
+
+
+def _check_field(header: dict[str, Any], name: str, kind: str) -> None:
+    if name not in header:
+        raise ProtocolError(f"{header['type']} header lacks {name!r}")
+    v = header[name]
+    ok = {
+        _INT: _is_int(v),
+        _NUM: (_is_int(v) or isinstance(v, float)) and math.isfinite(v),
+        _STR: isinstance(v, str),
+    }[kind]
+    if not ok:
+        raise ProtocolError(f"{header['type']} field {name!r} has the wrong type")
+    if kind == _STR:
+        header[name] = v[:MAX_MESSAGE]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and abs(v) < 1 << 62
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
+def _bytes(frame: Any) -> bytes:
+    if isinstance(frame, bytes):
+        return frame
+    if hasattr(frame, "bytes"):  # zmq.Frame
+        return frame.bytes
+    return bytes(frame)
+
+
+def _length(frame: Any) -> int:
+    if isinstance(frame, memoryview):
+        return frame.nbytes
+    return len(frame)
+
+
+def frame_bytes(frame: Any) -> int:
+    """Length of one frame as it crosses the socket (bytes, memoryview or zmq.Frame)."""
+    return _length(frame)
+
+
+def buffer(frame: Any) -> memoryview | bytes:
+    """A frame's contents without a copy where possible."""
+    if hasattr(frame, "buffer"):
+        return frame.buffer
+    return frame
+
+
+# ---------------------------------------------------------------- liveness
+
+
+@dataclass
+class Liveness:
+    """One peer's heartbeat state; ``now`` is passed in so expiry is testable without sleeping.
+
+    A peer is lost when nothing at all has been heard from it for ``interval * liveness``
+    seconds. A heartbeat is due when nothing has been sent to it for ``interval`` seconds.
+    """
+
+    interval: float
+    liveness: int
+    last_heard: float
+    last_sent: float
+
+    @classmethod
+    def start(cls, interval: float, liveness: int, now: float) -> Liveness:
+        return cls(interval, liveness, now, now)
+
+    def heard(self, now: float) -> None:
+        self.last_heard = max(self.last_heard, now)
+
+    def sent(self, now: float) -> None:
+        self.last_sent = max(self.last_sent, now)
+
+    def expired(self, now: float) -> bool:
+        return now - self.last_heard > self.interval * self.liveness
+
+    def heartbeat_due(self, now: float) -> bool:
+        return now - self.last_sent >= self.interval
+
+    def next_deadline(self, now: float) -> float:
+        """Seconds until this peer next needs attention (a heartbeat or an expiry check)."""
+        return max(0.0, min(self.last_sent + self.interval,
+                            self.last_heard + self.interval * self.liveness) - now)
