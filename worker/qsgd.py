@@ -329,64 +329,159 @@ def _check_coding(coding: str) -> int:
 # ---------------------------------------------------------------- fixed width
 
 
-def _group_geometry(width: int) -> tuple[int, int] | None:
-    """(fields per group, bytes per group) when a group fits in a uint64, else None."""
+def _unsigned(dt: np.dtype) -> np.dtype:
+    return np.dtype(f"u{dt.itemsize}")
+
+
+def _overlaps(width: int):
+    """(field i, byte j, bits of the overlap, field's shift, byte's shift) within a group.
+
+    A group is the fewest fields that fill whole bytes: lcm(width, 8) bits. Field i holds
+    bits [i*width, (i+1)*width) of the group, MSB first; byte j holds bits [8j, 8j + 8).
+    """
+    group = 8 // math.gcd(width, 8)
+    for i in range(group):
+        for j in range(i * width // 8, ((i + 1) * width - 1) // 8 + 1):
+            lo, hi = max(i * width, 8 * j), min((i + 1) * width, 8 * j + 8)
+            yield i, j, hi - lo, (i + 1) * width - hi, 8 * j + 8 - hi
+
+
+_REP = 0x0101010101010101  # one in every byte of a uint64
+
+
+def _rep(byte: int) -> np.uint64:
+    return np.uint64(_REP * byte)
+
+
+def _planar_split(d: int, width: int) -> tuple[int, int, int]:
+    """(fields per group, bytes per group, plane length m) of the fixed layout, width <= 8.
+
+    Coordinates [0, g*m) form m groups, group k = coordinates k, m + k, ..., (g-1)m + k;
+    m is a multiple of 8 so each plane is a whole number of uint64 words.
+    """
+    group = 8 // math.gcd(width, 8)
+    return group, group * width // 8, d // (8 * group) * 8
+
+
+def _sign_magnitude(lv: np.ndarray, width: int) -> np.ndarray:
+    """int8 levels -> bytes ``neg << (width-1) | |z|``, byte-parallel in uint64 words."""
+    buf = np.zeros(-(-len(lv) // 8) * 8, dtype=np.uint8)
+    buf[: len(lv)] = lv.view(np.uint8)
+    words = buf.view(np.uint64)
+    neg = (words >> np.uint64(7)) & _rep(1)
+    words ^= neg * np.uint64(0xFF)  # two's complement negation of negative bytes:
+    words += neg  # (b ^ 0xFF) + 1 per byte, no carry since |z| >= 1 there
+    words |= neg << np.uint64(width - 1)
+    return buf
+
+
+def _signed_from_fields(buf: np.ndarray, d: int, width: int, levels: int) -> np.ndarray:
+    """Inverse of ``_sign_magnitude`` with the canonical-form checks."""
+    words = buf.view(np.uint64)
+    neg = (words >> np.uint64(width - 1)) & _rep(1)
+    words &= _rep((1 << (width - 1)) - 1)
+    z = buf[:d]
+    if z.max() > levels:
+        raise CodecError(f"a level exceeds s={levels}")
+    if ((z == 0) & neg.view(np.uint8)[:d].astype(bool)).any():
+        raise CodecError("negative zero level (not a canonical encoding)")
+    words ^= neg * np.uint64(0xFF)
+    words += neg
+    return buf[:d].view(np.int8)
+
+
+def _pack_planar(u: np.ndarray, d: int, width: int) -> np.ndarray:
+    """Fields of <= 8 bits (one per byte of ``u``, zero beyond d) into the fixed layout.
+
+    Byte j of every group is one contiguous plane, computed from the field planes with
+    byte-parallel shifts and masks on uint64 words: a few whole-array ops.
+    """
+    group, nbytes, m = _planar_split(d, width)
+    fields = u[: group * m].view(np.uint64).reshape(group, m // 8)
+    tail = _pack_columns(u[group * m : d], width)
+    out = np.empty(nbytes * m + len(tail), dtype=np.uint8)
+    planes = out[: nbytes * m].view(np.uint64).reshape(nbytes, m // 8)
+    planes[:] = 0
+    t = np.uint64
+    for i, j, nbits, fshift, bshift in _overlaps(width):
+        part = (fields[i] >> t(fshift)) & _rep((1 << nbits) - 1)
+        planes[j] |= part << t(bshift) if bshift else part
+    out[nbytes * m :] = tail
+    return out
+
+
+def _unpack_planar(body: np.ndarray, d: int, width: int) -> np.ndarray:
+    """Inverse of ``_pack_planar``: one byte per field, padded to whole uint64 words."""
+    group, nbytes, m = _planar_split(d, width)
+    u = np.zeros(-(-d // 8) * 8, dtype=np.uint8)
+    aligned = np.empty(nbytes * m, dtype=np.uint8)  # frombuffer data may be unaligned
+    aligned[:] = body[: nbytes * m]
+    planes = aligned.view(np.uint64).reshape(nbytes, m // 8)
+    fields = u[: group * m].view(np.uint64).reshape(group, m // 8)
+    t = np.uint64
+    for i, j, nbits, fshift, bshift in _overlaps(width):
+        part = (planes[j] >> t(bshift)) & _rep((1 << nbits) - 1)
+        fields[i] |= part << t(fshift) if fshift else part
+    tail = _unpack_columns(body[nbytes * m :], d - group * m, width, np.dtype(np.uint8))
+    u[group * m : d] = tail
+    return u
+
+
+def _pack_columns(u: np.ndarray, width: int) -> np.ndarray:
+    """Fields wider than a byte: one strided column per field of a byte-filling group.
+
+    Works on groups of fields that fill whole bytes, one strided column per field: a
+    handful of whole-array shifts and ORs, no per-coordinate loop and no bit arrays.
+    """
     group = 8 // math.gcd(width, 8)
     nbytes = group * width // 8
-    return (group, nbytes) if nbytes <= 8 else None
-
-
-def _pack_fixed(u: np.ndarray, width: int) -> np.ndarray:
-    """Pack unsigned fields of ``width`` bits, MSB first, zero-padded to a byte."""
-    geo = _group_geometry(width)
     d = len(u)
-    if geo is None:  # odd widths > 8: go through a bit array (slower, still vectorized)
-        be = u.astype(">u4").view(np.uint8).reshape(d, 4)
-        return np.packbits(np.unpackbits(be, axis=1)[:, 32 - width:])
-    group, nbytes = geo
     m = -(-d // group)
-    padded = np.zeros(m * group, dtype=np.uint64)
-    padded[:d] = u
-    cols = padded.reshape(m, group)
-    acc = cols[:, 0].copy()
-    for j in range(1, group):  # <= 8 columns
-        acc <<= np.uint64(width)
-        acc |= cols[:, j]
-    out = acc.astype(">u8").view(np.uint8).reshape(m, 8)[:, 8 - nbytes:].ravel()
-    return out[: -(-d * width // 8)]
+    if m * group != d:
+        u = np.concatenate([u, np.zeros(m * group - d, dtype=u.dtype)])
+    cols = u.reshape(m, group)
+    out = np.zeros((m, nbytes), dtype=np.uint8)
+    for i, j, nbits, fshift, bshift in _overlaps(width):
+        part = cols[:, i] >> u.dtype.type(fshift) if fshift else cols[:, i]
+        if nbits < width or fshift:
+            part = part & u.dtype.type((1 << nbits) - 1)
+        if bshift:
+            part = part << u.dtype.type(bshift)
+        out[:, j] |= part.astype(np.uint8, copy=False)
+    return out.ravel()[: -(-d * width // 8)]
 
 
-def _unpack_fixed(body: np.ndarray, d: int, width: int) -> np.ndarray:
-    """Inverse of ``_pack_fixed``: int64 fields; the caller checked the length."""
-    geo = _group_geometry(width)
-    if geo is None:
-        bits = np.unpackbits(body, count=d * width).reshape(d, width)
-        be = np.zeros((d, 32), dtype=np.uint8)
-        be[:, 32 - width:] = bits
-        return np.packbits(be, axis=1).view(">u4").ravel().astype(np.int64)
-    group, nbytes = geo
+def _unpack_columns(body: np.ndarray, d: int, width: int, udt: np.dtype) -> np.ndarray:
+    group = 8 // math.gcd(width, 8)
+    nbytes = group * width // 8
     m = -(-d // group)
-    buf = np.zeros((m, 8), dtype=np.uint8)
-    flat = buf[:, 8 - nbytes:]
-    raw = np.zeros(m * nbytes, dtype=np.uint8)
-    raw[: len(body)] = body
-    flat[:] = raw.reshape(m, nbytes)
-    acc = buf.view(">u8").ravel().astype(np.uint64)
-    mask = np.uint64((1 << width) - 1)
-    cols = np.empty((m, group), dtype=np.int64)
-    for j in range(group - 1, -1, -1):  # <= 8 columns
-        cols[:, j] = acc & mask
-        acc >>= np.uint64(width)
+    if m * nbytes != len(body):
+        body = np.concatenate([body, np.zeros(m * nbytes - len(body), dtype=np.uint8)])
+    rows = body.reshape(m, nbytes)
+    cols = np.zeros((m, group), dtype=udt)
+    t = udt.type
+    for i, j, nbits, fshift, bshift in _overlaps(width):
+        part = rows[:, j].astype(udt) if udt.itemsize > 1 else rows[:, j]
+        if bshift:
+            part = part >> t(bshift)
+        if nbits + bshift < 8:
+            part = part & t((1 << nbits) - 1)
+        if fshift:
+            part = part << t(fshift)
+        cols[:, i] |= part
     return cols.ravel()[:d]
 
 
 def _encode_fixed(q: Quantized) -> tuple[np.ndarray, int]:
     width = _fixed_width(q.levels)
     lv = q.signed_levels
-    udt = np.uint8 if width <= 8 else np.uint32
-    u = np.abs(lv).astype(udt)
-    u |= (lv < 0).astype(udt) << udt(width - 1)
-    return _pack_fixed(u, width), (-(q.d * width)) % 8
+    pad = (-(q.d * width)) % 8
+    if width <= 8:
+        return _pack_planar(_sign_magnitude(lv, width), q.d, width), pad
+    udt = _unsigned(lv.dtype)
+    u = np.abs(lv).view(udt)  # |lv| <= s fits: no overflow at the dtype's minimum
+    u |= (lv.view(udt) >> udt.type(8 * udt.itemsize - 1)) << udt.type(width - 1)
+    return _pack_columns(u, width), pad
 
 
 def _decode_fixed(body: np.ndarray, d: int, levels: int, pad: int) -> np.ndarray:
@@ -398,16 +493,21 @@ def _decode_fixed(body: np.ndarray, d: int, levels: int, pad: int) -> np.ndarray
         raise CodecError("header pad does not match d and levels")
     if pad and body[-1] & ((1 << pad) - 1):
         raise CodecError("nonzero padding bits")
-    u = _unpack_fixed(body, d, width)
-    z = u & ((1 << (width - 1)) - 1)
-    neg = u >> (width - 1)
+    if width <= 8:
+        return _signed_from_fields(_unpack_planar(body, d, width), d, width, levels)
+    sdt = _level_dtype(levels)
+    udt = _unsigned(sdt)
+    t = udt.type
+    u = _unpack_columns(body, d, width, udt)
+    neg = u >> t(width - 1)
+    z = u & t((1 << (width - 1)) - 1)
     if z.max() > levels:
         raise CodecError(f"a level exceeds s={levels}")
-    if (neg & (z == 0)).any():
+    if (u == t(1 << (width - 1))).any():
         raise CodecError("negative zero level (not a canonical encoding)")
-    out = z.astype(_level_dtype(levels))
-    np.negative(out, out=out, where=neg.astype(bool))
-    return out
+    z ^= np.negative(neg)  # two's complement negation where neg: (z ^ -neg) + neg
+    z += neg
+    return z.view(sdt)
 
 
 # ---------------------------------------------------------------- Elias decoding

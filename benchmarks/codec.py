@@ -1,0 +1,72 @@
+"""QSGD codec speed: encode/decode times against a copy of the same float32 vector.
+
+Run: python benchmarks/codec.py [--repeats N] [--dims 10000,100000,1000000]
+
+For each d and s it prints median times (ms) of quantize, encode and decode for both
+codings, bits per coordinate (payload bytes * 8 / d, header included), and each time as a
+ratio to ``v.copy()`` of the float32 gradient, measured in the same run just before.
+The input is a Gaussian vector (a mini-batch gradient of the planted ReLU is one too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import numpy as np
+
+from worker import qsgd
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def bench_one(d: int, s: int, repeats: int, rng: np.random.Generator) -> list[str]:
+    v = rng.standard_normal(d)
+    v32 = v.astype(np.float32)
+    t_copy = median_time(v32.copy, max(repeats, 20))
+    t_quant = median_time(lambda: qsgd.quantize(v, s, rng), repeats)
+    q = qsgd.quantize(v, s, rng)
+    rows = []
+    for coding in ("elias", "fixed"):
+        payload = qsgd.encode(q, coding)
+        assert qsgd.decode(payload) == q
+        t_enc = median_time(lambda c=coding: qsgd.encode(q, c), repeats)
+        t_dec = median_time(lambda p=payload: qsgd.decode(p), repeats)
+        bits = 8 * len(payload) / d
+        rows.append(
+            f"| {d:>9,} | {s:>5} | {coding:5} | {bits:6.3f} | {t_copy * 1e3:7.3f} "
+            f"| {t_quant * 1e3:8.2f} | {t_enc * 1e3:8.2f} | {t_dec * 1e3:8.2f} "
+            f"| {t_quant / t_copy:6.1f} | {t_enc / t_copy:6.1f} | {t_dec / t_copy:6.1f} "
+            f"| {(t_enc + t_dec) / t_copy:7.1f} |"
+        )
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--dims", default="10000,100000,1000000")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    rng = np.random.default_rng(args.seed)
+    print(
+        "| d | s | coding | bits/coord | copy ms | quantize ms | encode ms | decode ms "
+        "| quant/copy | enc/copy | dec/copy | (enc+dec)/copy |"
+    )
+    print("|" + "---|" * 12)
+    for d in (int(x) for x in args.dims.split(",")):
+        for s in sorted({1, 4, 16, math.isqrt(d)}):
+            for row in bench_one(d, s, args.repeats, rng):
+                print(row, flush=True)
+
+
+if __name__ == "__main__":
+    main()
