@@ -140,7 +140,10 @@ def run_trial(
             if not ex.replies:
                 raise TrialFailed(f"no worker left in round {r}")
             t0 = time.perf_counter()
-            g = node.aggregate([rep.payload for rep in ex.replies], spec)
+            try:
+                g = node.aggregate([rep.payload for rep in ex.replies], spec)
+            except ValueError as e:  # a payload that passed the pool's checks but not decode
+                raise TrialFailed(f"undecodable gradient in round {r}: {e}") from None
             t1 = time.perf_counter()
             w = w - spec.lr * g
             err = relu.rel_error(w, w_star)

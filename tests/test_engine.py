@@ -104,3 +104,40 @@ def test_a_missing_worker_is_a_clear_error_naming_its_rank(tmp_path):
             pool.wait_for_workers(0.3)
     finally:
         pool.close()
+
+
+def test_gradients_that_do_not_fit_the_trial_are_refused_before_aggregation():
+    from orchestrator.master import check_payload
+    from worker.node import TrialSpec
+    from worker.protocol import ProtocolError
+
+    fp32 = TrialSpec(d=10, scheme="none")
+    check_payload(b"\0" * 40, fp32)
+    with pytest.raises(ProtocolError):
+        check_payload(b"\0" * 39, fp32)
+    q = TrialSpec(d=10, scheme="qsgd", levels=4)
+    import numpy as np
+
+    from worker import node
+
+    good = node.encode_gradient(np.ones(10), q, np.random.default_rng(0))
+    check_payload(good, q)
+    for bad in (b"", b"QSGD", b"XXXX" + good[4:], node.encode_gradient(
+            np.ones(11), TrialSpec(d=11, scheme="qsgd", levels=4), np.random.default_rng(0))):
+        with pytest.raises(ProtocolError):
+            check_payload(bad, q)
+
+
+def test_an_undecodable_gradient_fails_the_trial_instead_of_crashing_the_run():
+    from orchestrator.trial import SimPool, run_trial
+
+    class Corrupting(SimPool):
+        def exchange(self, round_, down, relay):
+            ex = super().exchange(round_, down, relay)
+            if round_ == 3:
+                ex.replies[0].payload = ex.replies[0].payload[:24]  # header intact, body cut
+            return ex
+
+    spec = experiment(compress={"scheme": "qsgd", "levels": 4}).trials()[0].spec
+    res = run_trial(spec, Corrupting(), lambda row: None)
+    assert res.status == "failed" and "undecodable gradient in round 3" in res.reason
