@@ -63,7 +63,10 @@ def measure(m: int, d: int, scale: float) -> list[dict]:
             run_trial(trial.spec, pool, rows.append)
             rows = rows[WARMUP:]
             ela = np.diff([r.elapsed_s for r in rows]) if len(rows) > 1 else [rows[0].elapsed_s]
-            med = lambda key: float(np.median([getattr(r, key) for r in rows]))  # noqa: E731
+
+            def med(key: str, rows: list[RoundRow] = rows) -> float:
+                return float(np.median([getattr(r, key) for r in rows]))
+
             coding = names[tuple(sorted(trial.params["compress"].items()))]
             out.append({
                 "M": m, "d": d, "coding": coding, "topology": trial.spec.topology,
