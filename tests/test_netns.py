@@ -93,6 +93,9 @@ def test_three_hosts_each_reachable_with_its_own_empty_home(netns_cluster, host_
     assert host_ssh(c, 1, "echo only-here > ~/mark").returncode == 0
     assert host_ssh(c, 1, "cat ~/mark").stdout == "only-here\n"
     assert host_ssh(c, 2, "test -e ~/mark || echo absent").stdout == "absent\n"
+    # Each has its own name, and knows the others' names.
+    out = host_ssh(c, 1, f"hostname; getent hosts {c.hosts[2].namespace}")
+    assert out.stdout.split() == [c.hosts[1].namespace, c.hosts[2].address, c.hosts[2].namespace]
     # Hosts reach each other through the bridge, and nothing beyond it (no package index).
     probe = ("import socket,sys\n"
              "socket.create_connection((sys.argv[1], 22), timeout=3).close()\n"
@@ -100,6 +103,20 @@ def test_three_hosts_each_reachable_with_its_own_empty_home(netns_cluster, host_
              "except OSError as e: print('no route out:', e.errno)\n")
     out = host_ssh(c, 1, f"python3 -c \"{probe}\" {c.hosts[2].address}")
     assert out.returncode == 0 and "no route out" in out.stdout, out.stderr
+
+
+def test_saved_as_a_cluster_like_any_other(netns_cluster):
+    from orchestrator.cluster import load_cluster, read_cluster
+
+    c = netns_cluster(workers=2)
+    saved = load_cluster(c.name)
+    assert saved.provider == "netns" and saved.key_path == c.key_path
+    assert [(n.rank, n.role, n.address, n.port, n.user) for n in saved.nodes] == [
+        (h.rank, "master" if h.rank == 0 else "worker", h.address, 22, "root") for h in c.hosts]
+    assert saved.known_hosts == c.known_hosts  # pinned already: deploy checks, never trusts
+    assert os.stat(c.key_path).st_mode & 0o077 == 0
+    netns.down(c.name)
+    assert read_cluster(c.name) is None
 
 
 def test_host_key_is_checked(netns_cluster, host_ssh, tmp_path):
@@ -119,7 +136,7 @@ def test_down_removes_everything_and_is_idempotent(netns_cluster):
     assert _leftover_processes(c) == []
     assert not [ns for ns in netns._namespaces() if ns.startswith(f"rf-{c.name}-")]
     netns.down(c.name)  # twice is fine
-    assert netns.load_state(c.name) is None
+    assert not netns.load_state(c.name).complete
 
 
 def test_up_refuses_a_cluster_that_is_up(netns_cluster):
@@ -211,7 +228,7 @@ def _wait_for(cond, timeout: float) -> bool:
 
 def _kill_up_halfway(name: str, env: dict) -> None:
     """Start `relufit cluster up --provider netns`; kill -9 it once its first namespace exists."""
-    # TODO: `relufit cluster up --provider netns` once the cluster command group exists.
+    # TODO: `relufit cluster up --provider netns` once the cluster command group is in.
     argv = [sys.executable, "-c", "import sys; from orchestrator.providers import netns; "
             "netns.up(sys.argv[1], 6, '100mbit')", name]
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -53,6 +53,7 @@ STATE_FILE = "netns.json"
 LOCK_FILE = "/run/relufit-netns.lock"
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
 _SSHD_WAIT_S = 15.0
+MAX_WORKERS = 250  # node r is .(r+2) of a /24
 
 
 # ----------------------------------------------------------------- link presets
@@ -194,12 +195,9 @@ class NetnsCluster:
 
 def cluster_dir(name: str) -> Path:
     """Where a cluster's files live: $RELUFIT_HOME/clusters/<name> (default ~/.relufit)."""
-    try:
-        from orchestrator import cluster as model  # written by the EC2 area; use it when present
-        return Path(model.cluster_dir(name))
-    except (ImportError, AttributeError):
-        home = Path(os.environ.get("RELUFIT_HOME") or Path.home() / ".relufit")
-        return home / "clusters" / name
+    from orchestrator import cluster as model
+
+    return model.cluster_dir(name)
 
 
 def _write_state(c: NetnsCluster) -> None:
@@ -326,6 +324,10 @@ mount -t tmpfs -o mode=0755,size=4m relufit-etc-ssh /etc/ssh
 cp "$hd/sshd_config" "$hd/authorized_keys" "$hd/ssh_host_ed25519_key" \
    "$hd/ssh_host_ed25519_key.pub" /etc/ssh/
 chmod 0600 /etc/ssh/ssh_host_ed25519_key
+if [ -f "$hd/hosts" ]; then  # an emulated host: its own name, and the cluster's names
+  hostname "$tag"
+  cp "$hd/hosts" /etc/ssh/relufit-hosts && mount --bind /etc/ssh/relufit-hosts /etc/hosts
+fi
 if [ -d /etc/xdg/pip ]; then mount -t tmpfs -o mode=0755,size=1m relufit-nopip /etc/xdg/pip; fi
 if [ -f /etc/pip.conf ]; then mount --bind /dev/null /etc/pip.conf; fi
 mount -t tmpfs -o mode=0700,size=2g relufit-home "$home"
@@ -376,12 +378,14 @@ def prepare_host_dir(host_dir: Path, listen: str, port: int, authorized_pub: str
 
 
 def start_sshd(host_dir: Path, tag: str, netns: str | None = None, home: str | None = None) -> int:
-    """Start a host's sshd in its own mount namespace (inside ``netns`` if given); its PID.
+    """Start a host's sshd in its own mount and UTS namespaces (inside ``netns`` if given).
 
-    The process is detached (own session): it outlives the caller and is stopped by PID.
+    Returns its PID. If ``host_dir/hosts`` exists, the host is named ``tag`` and sees that
+    file as /etc/hosts. The process is detached (own session): it outlives the caller and
+    is stopped by PID.
     """
     home = home or os.path.expanduser("~root")
-    cmd = ["unshare", "-m", "--propagation", "private", "/bin/sh", "-c", _HOST_SCRIPT,
+    cmd = ["unshare", "-m", "-u", "--propagation", "private", "/bin/sh", "-c", _HOST_SCRIPT,
            "relufit-host", str(host_dir), home, tag]
     if netns:
         cmd = ["ip", "netns", "exec", netns, *cmd]
@@ -429,8 +433,6 @@ def _plan(names: Names, workers: int, bandwidth: int | None, master_bandwidth: i
           state_dir: Path) -> NetnsCluster:
     net = _pick_subnet(names)
     addrs = list(net.hosts())  # .1 is the bridge, node r is .(r+2)
-    if workers + 1 > len(addrs) - 1:
-        raise ConfigError("--workers", f"at most {len(addrs) - 2} on one /24")
     hosts = tuple(
         Host(rank=r, namespace=names.namespace(r), address=str(addrs[r + 1]),
              veth=names.veth(r), host_dir=str(state_dir / "hosts" / str(r)))
@@ -480,8 +482,8 @@ def up(name: str, workers: int, bandwidth: str | None = None,
     None leaves links unshaped. On any failure or interrupt it removes what it made, then raises.
     """
     names = names_for(name)
-    if workers < 1:
-        raise ConfigError("--workers", "must be at least 1")
+    if not 1 <= workers <= MAX_WORKERS:
+        raise ConfigError("--workers", f"{workers}: between 1 and {MAX_WORKERS} on one /24")
     bw = parse_rate(bandwidth) if bandwidth else None
     mbw = parse_rate(master_bandwidth, "--master-bandwidth") if master_bandwidth else bw
     check_requirements()
@@ -491,10 +493,11 @@ def up(name: str, workers: int, bandwidth: str | None = None,
     if old is not None and old.complete and found:
         raise RunError(f"netns: cluster {name!r} is already up; "
                        f"`relufit cluster down {name}` first")
-    if old is not None or found:
+    if found:
         progress(f"Cleaning up an earlier, interrupted `up` of {name}")
         down(name, progress=progress, state_dir=state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir.chmod(0o700)  # it holds the cluster's private key
     with _subnet_lock():  # two `up`s at once must not pick the same free subnet
         c = _plan(names, workers, bw, mbw, state_dir)
         _write_state(c)  # before anything exists, so `down` knows every name
@@ -514,6 +517,8 @@ def up(name: str, workers: int, bandwidth: str | None = None,
 def _build(c: NetnsCluster, names: Names, progress: Progress) -> NetnsCluster:
     progress(f"Subnet {c.subnet}, bridge {c.bridge} at {c.bridge_address}")
     user_pub = keygen(Path(c.key_path), f"relufit-{c.name}")
+    etc_hosts = "127.0.0.1 localhost\n" + "".join(
+        f"{h.address} {h.namespace}\n" for h in c.hosts)
     hosts = []
     for h in c.hosts:
         rate = c.master_bandwidth_bps if h.rank == 0 else c.bandwidth_bps
@@ -521,6 +526,7 @@ def _build(c: NetnsCluster, names: Names, progress: Progress) -> NetnsCluster:
         _make_host(c, names, h)
         _shape(h, rate)
         key = prepare_host_dir(Path(h.host_dir), h.address, 22, user_pub)
+        (Path(h.host_dir) / "hosts").write_text(etc_hosts)
         pid = start_sshd(Path(h.host_dir), h.namespace, netns=h.namespace)
         hosts.append(replace(h, host_key=key, pid=pid))
         c = replace(c, hosts=tuple(hosts) + c.hosts[len(hosts):])
@@ -540,19 +546,31 @@ def _build(c: NetnsCluster, names: Names, progress: Progress) -> NetnsCluster:
 
 def _save_cluster(c: NetnsCluster) -> None:
     """Record it in the common cluster model, so deploy and run treat it like any cluster."""
-    try:
-        from orchestrator import cluster as model
-    except ImportError:
-        return
-    model.save_cluster(to_cluster(c, model))
+    from orchestrator import cluster as model
+
+    model.save_cluster(to_cluster(c))
 
 
-def to_cluster(c: NetnsCluster, model=None):
-    """The common ``orchestrator.cluster.Cluster`` of a netns cluster."""
-    if model is None:
-        from orchestrator import cluster as model
-    nodes = [model.Node(address=h.address, port=22, user=c.user) for h in c.hosts]
-    return model.Cluster(name=c.name, provider="netns", nodes=nodes, key_path=c.key_path)
+def to_cluster(c: NetnsCluster):
+    """The provider-neutral ``orchestrator.cluster.Cluster`` of an emulated cluster."""
+    from orchestrator import cluster as model
+
+    nodes = tuple(
+        model.Node(rank=h.rank, role="master" if h.rank == 0 else "worker", address=h.address,
+                   private_address=h.address, user=c.user, port=22)
+        for h in c.hosts)
+    extra = {"subnet": c.subnet, "bridge": c.bridge, "bridge_address": c.bridge_address,
+             "bandwidth": format_rate(c.bandwidth_bps),
+             "master_bandwidth": format_rate(c.master_bandwidth_bps)}
+    return model.Cluster(name=c.name, provider="netns", nodes=nodes, key_path=c.key_path,
+                         extra=extra)
+
+
+def exists(name: str, state_dir: Path | None = None) -> bool:
+    """Whether netns cluster ``name`` has a state file or anything left on this machine."""
+    if load_state(name, state_dir) is not None:
+        return True
+    return shutil.which("ip") is not None and bool(leftovers(name, state_dir))
 
 
 def leftovers(name: str, state_dir: Path | None = None) -> list[str]:
@@ -566,13 +584,15 @@ def leftovers(name: str, state_dir: Path | None = None) -> list[str]:
     return found
 
 
-def _forget(state_dir: Path) -> None:
-    """Delete netns's files (state, keys, host dirs); the directory too if nothing else is left."""
+def _forget(state: NetnsCluster | None, state_dir: Path) -> None:
+    """Delete the cluster's files (record, keys, host dirs), keeping only the state file,
+    marked as removed: a second ``relufit cluster down`` still knows it was a netns cluster."""
     shutil.rmtree(state_dir / "hosts", ignore_errors=True)
-    for f in (STATE_FILE, "known_hosts", "id_ed25519", "id_ed25519.pub"):
+    for f in ("cluster.json", "known_hosts", "id_ed25519", "id_ed25519.pub"):
         (state_dir / f).unlink(missing_ok=True)
-    if state_dir.exists() and not any(state_dir.iterdir()):
-        state_dir.rmdir()
+    if state is not None:
+        _write_state(replace(state, complete=False,
+                             hosts=tuple(replace(h, pid=0) for h in state.hosts)))
 
 
 def down(name: str, *, progress: Progress = lambda _: None, state_dir: Path | None = None,
@@ -606,5 +626,5 @@ def down(name: str, *, progress: Progress = lambda _: None, state_dir: Path | No
     remaining = leftovers(name, state_dir)
     if remaining:
         raise RunError(f"netns: could not remove {', '.join(remaining)}")
-    _forget(state_dir)
+    _forget(state, state_dir)
     progress(f"Cluster {name}: nothing left")
