@@ -353,3 +353,40 @@ def test_curve_between_a_listening_master_and_separately_started_agents(tmp_path
                      "compress": {"scheme": "qsgd", "levels": 8}, "cluster": {"workers": 2}},
                     "x")
     np.testing.assert_array_equal(run["metrics"]["rel_error"], sim_rel_errors(exp, tmp_path))
+
+
+def test_heartbeats_flow_while_numpy_computes(tmp_path):
+    # Building a shard of 64 rows x 2e5 takes far longer than the 0.1 s after which a
+    # silent peer is lost: the agents keep heartbeating from their socket thread.
+    exp = experiment(problem={"d": 200_000, "n": 192}, train={"rounds": 3, "lr": 1e-4},
+                     compress={"scheme": "none"},
+                     cluster={"heartbeat_interval": 0.05, "heartbeat_liveness": 2})
+    want = sim_rel_errors(exp, tmp_path)
+    with open_pool("local", exp) as pool:
+        path = run_experiment(exp, pool, tmp_path, "local", **QUIET)
+    run = load_run(path)
+    assert run["summary"]["trials"][0]["lost_workers"] == []
+    np.testing.assert_array_equal(run["metrics"]["rel_error"], want)
+
+
+def test_an_agent_started_before_its_master_connects_when_the_master_comes_up():
+    from tests.conftest import free_port
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    proc = subprocess.Popen(agent_cmd(endpoint, "--rank", "0", "--timeout", "20"))
+    pool = None
+    try:
+        time.sleep(0.5)  # the agent retries the connection with its capped backoff
+        pool = ZmqPool(endpoint, workers=1, heartbeat_interval=0.2)
+        pool.wait_for_workers(15)
+        assert pool.by_rank[0].pid == proc.pid
+    finally:
+        if pool is not None:
+            pool.close()
+        try:
+            proc.wait(10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 0
