@@ -75,7 +75,7 @@ def run(experiment_file: str, backend: str | None, overrides: tuple[str, ...], o
 
 @cli.command()
 @click.option("--master", required=True, metavar="tcp://HOST:PORT",
-              help="The master's address (relufit run prints it).")
+              help="The master's address, e.g. tcp://10.0.0.5:5555.")
 @click.option("--rank", type=int, default=None, help="This worker's rank (default: the master "
               "assigns the lowest free one).")
 @click.option("--timeout", type=float, default=60.0, show_default=True,
