@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -56,6 +57,16 @@ def test_names_fit_linux_and_never_match_another_cluster():
     for bad in ("", "UPPER", "-x", "a_b", "x" * 41, "a/b"):
         with pytest.raises(ConfigError):
             netns.names_for(bad)
+
+
+def test_a_name_whose_link_names_collide_is_refused(tmp_path):
+    a, b = "c0", "c1"
+    (tmp_path / a).mkdir()
+    (tmp_path / a / netns.STATE_FILE).write_text(
+        json.dumps({"name": a, "bridge": netns.names_for(b).bridge}))  # as if the tags matched
+    with pytest.raises(ConfigError, match="shares its link names with netns cluster 'c0'"):
+        netns._check_no_collision(netns.names_for(b), tmp_path / b)
+    netns._check_no_collision(netns.names_for(a), tmp_path / a)  # itself is no collision
 
 
 def test_not_root_is_a_clear_error(monkeypatch):

@@ -488,6 +488,7 @@ def up(name: str, workers: int, bandwidth: str | None = None,
     mbw = parse_rate(master_bandwidth, "--master-bandwidth") if master_bandwidth else bw
     check_requirements()
     state_dir = Path(state_dir or cluster_dir(name))
+    _check_no_collision(names, state_dir)
     old = load_state(name, state_dir)
     found = leftovers(name, state_dir)
     if old is not None and old.complete and found:
@@ -512,6 +513,15 @@ def up(name: str, workers: int, bandwidth: str | None = None,
         progress(f"Cleaning up the emulated hosts of {name} after a failure")
         down(name, progress=progress, state_dir=state_dir)
         raise
+
+
+def _check_no_collision(names: Names, state_dir: Path) -> None:
+    """Refuse a name whose 6-hex-digit tag another recorded netns cluster uses (1 in 16M)."""
+    for other in state_dir.parent.glob(f"*/{STATE_FILE}"):
+        data = json.loads(other.read_text())
+        if data["name"] != names.cluster and data["bridge"] == names.bridge:
+            raise ConfigError("--name", f"{names.cluster!r} shares its link names with netns "
+                                        f"cluster {data['name']!r}; choose another name")
 
 
 def _build(c: NetnsCluster, names: Names, progress: Progress) -> NetnsCluster:
