@@ -17,7 +17,9 @@ D, N, M = 20, 1000, 3  # 3 workers do not divide n = 1000
 BASE = {
     "problem": {"d": D, "n": N, "seed": 3},
     "train": {"rounds": 25, "batch_size": 16, "lr": 0.5, "target_rel_error": 0},
-    "cluster": {"workers": M, "heartbeat_interval": 0.2, "connect_timeout": 20},
+    # liveness 10: a machine busy with other tests must not make a worker look lost here
+    "cluster": {"workers": M, "heartbeat_interval": 0.2, "heartbeat_liveness": 10,
+                "connect_timeout": 20},
 }
 SWEEP = {
     "cluster.topology": ["ps", "allgather"],
