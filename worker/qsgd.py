@@ -36,6 +36,7 @@ fixed-width group, never over coordinates, nonzeros or buckets.
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from dataclasses import dataclass
@@ -246,61 +247,74 @@ def _bit_length(x: np.ndarray) -> np.ndarray:
     return np.frexp(x.astype(np.float64))[1].astype(np.int64)
 
 
-def _omega_groups(n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Omega codeword groups of each n >= 1, innermost group first.
+def _omega_code(n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Elias-omega codewords of n >= 1 (< 2**31): (bits right-aligned in uint64, length).
 
-    Returns (values, lengths), shape (len(n), _MAX_OMEGA_DEPTH); unused groups have length
-    0. The codeword is the groups in column order followed by one 0 bit.
+    The codeword is built from its end: the final 0, then n, then bit_length(n) - 1, ...
+    each group prepended above the previous ones, until the group would be 1.
     """
-    vals = np.zeros((len(n), _MAX_OMEGA_DEPTH), dtype=np.int64)
-    lens = np.zeros((len(n), _MAX_OMEGA_DEPTH), dtype=np.int64)
+    code = np.zeros(len(n), dtype=np.uint64)
+    length = np.ones(len(n), dtype=np.int64)
     cur = n.astype(np.int64)
-    for depth in range(_MAX_OMEGA_DEPTH):  # outermost group n goes last (column -1)
-        col = _MAX_OMEGA_DEPTH - 1 - depth
+    for _ in range(_MAX_OMEGA_DEPTH):
         more = cur > 1
         if not more.any():
             break
         bl = _bit_length(np.where(more, cur, 1))
-        vals[:, col] = np.where(more, cur, 0)
-        lens[:, col] = np.where(more, bl, 0)
+        code |= np.where(more, cur, 0).astype(np.uint64) << length.astype(np.uint64)
+        length += np.where(more, bl, 0)
         cur = np.where(more, bl - 1, 1)
-    return vals, lens
+    return code, length
 
 
-def _omega_lengths(n: np.ndarray) -> np.ndarray:
-    return _omega_groups(n)[1].sum(axis=1) + 1
+def _write_words(fields: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, int]:
+    """Concatenate bit fields (uint64, 1..64 bits each), MSB first: (bytes, pad bits).
 
-
-def _write_fields(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenate fields (value, bit length), MSB first, into packed bytes + pad count."""
-    values = values.ravel()
-    lengths = lengths.ravel()
-    keep = lengths > 0
-    values, lengths = values[keep], lengths[keep]
+    Each field lands in at most two 64-bit output words; fields sharing a word are
+    consecutive (offsets increase), so one OR-reduceat per word half assembles the words.
+    """
     ends = np.cumsum(lengths)
-    total = int(ends[-1]) if len(ends) else 0
-    # Bit t of the stream is bit (end_of_its_field - 1 - t) of that field's value.
-    shift = np.repeat(ends - 1, lengths) - np.arange(total)
-    bits = (np.repeat(values, lengths) >> shift) & 1
-    return np.packbits(bits.astype(np.uint8)), (-total) % 8
+    total = int(ends[-1])
+    starts = ends - lengths
+    aligned = fields << (64 - lengths).astype(np.uint64)  # field's first bit at bit 63
+    word = starts >> 6
+    shift = (starts & 63).astype(np.uint64)
+    first = aligned >> shift
+    second = (aligned << (np.uint64(63) - shift)) << np.uint64(1)  # 0 if it fits in one
+    bounds = np.concatenate([[0], np.flatnonzero(word[1:] != word[:-1]) + 1])
+    out = np.zeros((total + 63) // 64 + 1, dtype=np.uint64)
+    at = word[bounds]
+    out[at] = np.bitwise_or.reduceat(first, bounds)
+    out[at + 1] |= np.bitwise_or.reduceat(second, bounds)
+    return out.byteswap().view(np.uint8)[: (total + 7) // 8], (-total) % 8
 
 
-def _elias_fields(q: Quantized) -> tuple[np.ndarray, np.ndarray]:
-    lv = q.signed_levels
-    idx = np.flatnonzero(lv)
-    gaps = np.diff(idx, prepend=-1)
+def _elias_codes(lv: np.ndarray):
+    """Per nonzero: the gap and level codewords and the sign, in coordinate order."""
+    idx = np.flatnonzero(lv != 0)
     vals = lv[idx]
-    z = np.abs(vals.astype(np.int64))
-    gv, gl = _omega_groups(gaps)
-    zv, zl = _omega_groups(z)
-    k = len(idx)
-    one = np.ones((k, 1), dtype=np.int64)
-    zero = np.zeros((k, 1), dtype=np.int64)
-    neg = (vals < 0).astype(np.int64)[:, None]
-    # per record: gap groups, 0, sign, level groups, 0
-    values = np.hstack([gv, zero, neg, zv, zero])
-    lengths = np.hstack([gl, one, one, zl, one])
-    return values, lengths
+    gap_code, gap_len = _omega_code(np.diff(idx, prepend=-1))
+    z_code, z_len = _omega_code(np.abs(vals.astype(np.int64)))
+    return gap_code, gap_len, (vals < 0).astype(np.uint64), z_code, z_len
+
+
+def _encode_elias(q: Quantized) -> tuple[np.ndarray, int, int]:
+    gap_code, gap_len, neg, z_code, z_len = _elias_codes(q.signed_levels)
+    nnz = len(neg)
+    if nnz == 0:
+        return np.zeros(0, dtype=np.uint8), 0, 0
+    rec_len = gap_len + 1 + z_len
+    if rec_len.max() <= 64:  # usual case: one field per record
+        zl = z_len.astype(np.uint64)
+        fields = (gap_code << (zl + np.uint64(1))) | (neg << zl) | z_code
+        stream, pad = _write_words(fields, rec_len)
+    else:  # huge gaps and levels: (gap code + sign) and level code as two fields
+        fields = np.empty(2 * nnz, dtype=np.uint64)
+        lengths = np.empty(2 * nnz, dtype=np.int64)
+        fields[0::2], lengths[0::2] = (gap_code << np.uint64(1)) | neg, gap_len + 1
+        fields[1::2], lengths[1::2] = z_code, z_len
+        stream, pad = _write_words(fields, lengths)
+    return stream, pad, nnz
 
 
 def _fixed_width(levels: int) -> int:
@@ -313,11 +327,8 @@ def encoded_bits(q: Quantized, coding: str = "elias") -> int:
     norm_bits = 32 * len(q.norms)
     if coding == "fixed":
         return norm_bits + q.d * _fixed_width(q.levels)
-    lv = q.signed_levels
-    idx = np.flatnonzero(lv)
-    gaps = np.diff(idx, prepend=-1)
-    z = np.abs(lv[idx].astype(np.int64))
-    return norm_bits + int(_omega_lengths(gaps).sum() + len(idx) + _omega_lengths(z).sum())
+    _, gap_len, neg, _, z_len = _elias_codes(q.signed_levels)
+    return norm_bits + int(gap_len.sum() + len(neg) + z_len.sum())
 
 
 def _check_coding(coding: str) -> int:
@@ -511,9 +522,24 @@ def _decode_fixed(body: np.ndarray, d: int, levels: int, pad: int) -> np.ndarray
 
 
 # ---------------------------------------------------------------- Elias decoding
+#
+# The stream has no record boundaries, so the decoder finds them in parallel:
+# 1. the length of an omega codeword read at EVERY bit position (a 64K-entry table on the
+#    next 16 bits; the few longer or invalid ones by shift arithmetic on 64-bit windows);
+# 2. from it the jump J(p) = p + record length at every p (p + 1 where no record can
+#    start), so that the record starts are the chain 0, J(0), J(J(0)), ... to the end;
+# 3. walkers started every 256 bits follow J in lockstep for a while: Elias streams
+#    resynchronize within a few codewords, so their paths cover the true chain; pointer
+#    doubling over those few candidates extracts it (over all positions if they do not).
+# A chain that passes through a position where no record starts, or that does not hold
+# exactly nnz records, is a corrupt stream.
+
+_LUT_BITS = 16
+_WALK_EVERY = 256  # bits between walkers
+_WALK_MARGIN = 48  # steps a walker takes beyond its stretch, to resynchronize
 
 
-def _windows(body: np.ndarray) -> np.ndarray:
+def _windows64(body: np.ndarray) -> np.ndarray:
     """W[j] = the 64 bits starting at byte j (big-endian, zero past the end), as uint64."""
     n = len(body)
     buf = np.zeros(n + 16, dtype=np.uint8)
@@ -525,83 +551,165 @@ def _windows(body: np.ndarray) -> np.ndarray:
     return w
 
 
-def _read(w: np.ndarray, pos: np.ndarray, nbits: np.ndarray) -> np.ndarray:
-    """``nbits`` (1..32) bits at bit positions ``pos``, as int64."""
-    word = w[pos >> 3] << (pos & 7).astype(np.uint64)
-    return (word >> (64 - nbits).astype(np.uint64)).astype(np.int64)
+def _omega_at(w: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(length, value) of the omega codeword at each bit position; length 0 if invalid.
 
-
-def _omega_at_every_bit(w: np.ndarray, total: int) -> tuple[np.ndarray, np.ndarray]:
-    """For every bit position p < total: (length, value) of an omega codeword read at p.
-
-    Length 0 marks a position where no valid codeword (value < 2**31, within the stream)
-    starts.
+    A codeword of a value < 2**31 has groups of 2, 3-4, 5-16 and 17-31 bits plus the
+    final 0: at most 55 bits, all inside the 57 bits a byte-aligned 64-bit window holds
+    past the position. So it decodes with straight-line shifts: every candidate group
+    is read, then the first 0 where a group would start picks the result.
     """
-    pos = np.arange(total, dtype=np.int64)
-    length = np.zeros(total, dtype=np.int64)
-    value = np.zeros(total, dtype=np.int64)
-    live = pos.copy()  # the start positions still being read
-    cur = pos.copy()  # where each live read is
-    n = np.ones(total, dtype=np.int64)  # value so far
-    for _ in range(_MAX_OMEGA_DEPTH + 1):
-        if len(live) == 0:
-            break
-        inside = cur < total
-        live, cur, n = live[inside], cur[inside], n[inside]
-        bit = _read(w, cur, np.ones_like(cur))
-        done = bit == 0
-        length[live[done]] = cur[done] + 1 - live[done]
-        value[live[done]] = n[done]
-        go = ~done & (n <= _MAX_GROUP_BITS - 1)
-        live, cur, n = live[go], cur[go], n[go]
-        fits = cur + n + 1 <= total
-        live, cur, n = live[fits], cur[fits], n[fits]
-        n, cur = _read(w, cur, n + 1), cur + n + 1
-    return length, value
+    u, one = np.uint64, np.uint64(1)
+    x = w[pos >> 3] << (pos & 7).astype(u)  # the codeword starts at bit 63
+    n1 = x >> u(62)
+    at2 = n1 + u(3)  # bits consumed after group 2
+    n2 = (x << u(2)) >> (u(63) - n1)
+    at3 = at2 + n2 + one
+    n3 = (x << at2) >> (u(63) - n2)
+    big = n3 > u(_MAX_GROUP_BITS - 1)  # a next group would be longer than 31 bits
+    n3_read = np.minimum(n3, u(_MAX_GROUP_BITS - 1))
+    at4 = at3 + n3_read + one
+    n4 = (x << at3) >> (u(63) - n3_read)
+    ends = [x >> u(63) == 0, ((x >> u(61)) & one) == 0]
+    ends += [(x << at) >> u(63) == 0 for at in (at2, at3, at4)]
+    ends[4] &= ~big
+    length = np.select(ends, [one, u(3), at2 + one, at3 + one, at4 + one], u(0))
+    value = np.select(ends[:4], [one, n1, n2, n3], n4)
+    return length.astype(np.int64), value.astype(np.int64)
 
 
-def _elias_records(body: np.ndarray, total: int, nnz: int):
-    """Starts of the nnz records of the stream, with their gap, sign and level values."""
-    w = _windows(body)
-    length, value = _omega_at_every_bit(w, total)
-    # A record at p: gap codeword, sign bit at p + L(p), level codeword after it.
-    p = np.arange(total, dtype=np.int64)
-    sign_at = p + length
-    z_at = sign_at + 1
-    ok = (length > 0) & (z_at < total)
-    z_len = np.where(ok, length[np.minimum(z_at, total - 1)], 0)
-    ok &= z_len > 0
-    end, bad = total, total + 1  # sinks: clean end of stream, and corruption
-    jump = np.full(total + 2, bad, dtype=np.int64)
-    jump[:total] = np.where(ok, z_at + z_len, bad)
-    jump[end] = end
-    # Pointer doubling: chain = J^0(0), J^1(0), ...; each step doubles the prefix known.
-    chain = np.zeros(1, dtype=np.int64)
-    while chain[-1] < total and len(chain) <= nnz:
+@functools.cache
+def _omega_table() -> tuple[np.ndarray, np.ndarray]:
+    """For each 16-bit pattern: (length, value) of the omega codeword at its start, or
+    length 0 if it does not end within those 16 bits."""
+    patterns = np.arange(1 << _LUT_BITS, dtype=">u2").view(np.uint8)
+    starts = _LUT_BITS * np.arange(1 << _LUT_BITS, dtype=np.int64)
+    length, value = _omega_at(_windows64(patterns), starts)
+    length[length > _LUT_BITS] = 0
+    value[length == 0] = 0
+    return length.astype(np.uint8), value.astype(np.uint16)
+
+
+def _window16(body: np.ndarray, total: int) -> np.ndarray:
+    """The 16 bits starting at every bit position < total (zeros past the end), uint16."""
+    n = len(body)
+    buf = np.zeros(n + 8, dtype=np.uint8)
+    buf[:n] = body
+    w32 = np.empty(n, dtype=np.uint32)
+    for r in range(4):
+        view = np.frombuffer(buf.data, dtype=">u4", offset=r, count=(len(buf) - r) // 4)
+        w32[r::4] = view[: len(w32[r::4])]
+    shifts = np.arange(16, 8, -1, dtype=np.uint32)  # bit r of byte j: shift 16 - r
+    out = np.empty((n, 8), dtype=np.uint16)
+    np.right_shift(w32[:, None], shifts[None, :], out=out, casting="unsafe")
+    return out.ravel()[:total]
+
+
+def _codeword_lengths(w64: np.ndarray, win: np.ndarray, total: int) -> np.ndarray:
+    """Omega codeword length at every bit position < total (0: none ends in the stream)."""
+    lut_len, _ = _omega_table()
+    length = lut_len[win]
+    slow = np.flatnonzero(length == 0)
+    length[slow] = _omega_at(w64, slow)[0]  # <= 55 bits: fits uint8
+    tail = np.arange(max(total - 64, 0), total)  # windows read zeros past the end
+    length[tail[tail + length[tail] > total]] = 0
+    return length
+
+
+def _codeword_values(w64: np.ndarray, win: np.ndarray, at: np.ndarray) -> np.ndarray:
+    _, lut_val = _omega_table()
+    value = lut_val[win[at]].astype(np.int64)
+    slow = np.flatnonzero(value == 0)
+    value[slow] = _omega_at(w64, at[slow])[1]
+    return value
+
+
+def _jumps(length: np.ndarray, total: int, idx_t: type) -> np.ndarray:
+    """J(p) = p + L(p) + 1 + L(p + L(p) + 1): where a record starting at p ends.
+
+    Where no record can start (a length is 0) J still moves forward, so walkers pass
+    over such positions; the chain found is checked for them afterwards. J = total is
+    the clean end, total + 1 a record cut short by the end.
+    """
+    ext = np.zeros(total + 64, dtype=np.uint8)
+    ext[:total] = length
+    jump = np.empty(total + 2, dtype=idx_t)
+    z_at = np.arange(1, total + 1, dtype=idx_t)
+    z_at += length
+    np.add(z_at, ext[z_at], out=jump[:total])
+    jump[total], jump[total + 1] = total, total + 1
+    return jump
+
+
+def _chain(jump: np.ndarray, limit: int) -> np.ndarray:
+    """J^0(0), J^1(0), ... up to and including the first node >= limit (a sink), by
+    pointer doubling: each step doubles the known prefix and squares the jump table."""
+    chain = np.zeros(1, dtype=jump.dtype)
+    while chain[-1] < limit:
         chain = np.concatenate([chain, jump[chain]])
         jump = jump[jump]
-    stop = np.flatnonzero(chain >= total)
-    if len(stop) == 0 or chain[stop[0]] != end or stop[0] != nnz:
-        raise CodecError("elias stream is corrupt or does not hold nnz records")
-    starts = chain[: stop[0]]
-    gaps = value[starts]
-    neg = _read(w, sign_at[starts], np.ones_like(starts)).astype(bool)
-    z = value[z_at[starts]]
-    return gaps, neg, z
+    return chain[: np.argmax(chain >= limit) + 1]
+
+
+def _record_starts(jump: np.ndarray, total: int, nnz: int) -> np.ndarray:
+    """The chain 0, J(0), ... through ``jump`` (sink ``total``), ending with ``total``.
+
+    Walker i starts at bit 256 i and takes enough steps to pass well into walker i+1's
+    stretch. Walker 0 is on the chain; once walker i is, its last position lies on
+    walker i+1's path, which is on the chain from there. So the chain is walker 0's path,
+    then each walker's path after the point where the previous walker ended. The result
+    is checked against J; if a walker failed to resynchronize, pointer doubling over all
+    positions gives the chain.
+    """
+    steps = min(int(2 * _WALK_EVERY * nnz / total) + _WALK_MARGIN, nnz)
+    k = -(-total // _WALK_EVERY)
+    paths = np.empty((steps + 1, k), dtype=jump.dtype)
+    paths[0] = np.arange(0, total, _WALK_EVERY)
+    for i in range(steps):  # lockstep walk
+        np.take(jump, paths[i], out=paths[i + 1])
+    # each walker's path is increasing: offset walker i by i * (total + 1) and search
+    # all paths at once for where the previous walker's last position lies
+    offset = np.arange(k, dtype=np.int64) * (total + 1)
+    keys = (paths.T + offset[:, None]).ravel()
+    target = paths[-1, :-1] + offset[1:]
+    hit = np.minimum(np.searchsorted(keys, target), len(keys) - 1)
+    if np.array_equal(keys[hit], target) and paths[-1, -1] == total:
+        after = np.concatenate([[-1], hit - offset[1:] // (total + 1) * (steps + 1)])
+        keep = np.arange(steps + 1)[None, :] > after[:, None]
+        chain = paths.T[keep]
+        chain = chain[: np.searchsorted(chain, total) + 1]
+        if chain[0] == 0 and np.array_equal(jump[chain[:-1]], chain[1:]):
+            return chain
+    return _chain(jump, total)
 
 
 def _decode_elias(body: np.ndarray, d: int, levels: int, nnz: int, pad: int) -> np.ndarray:
     total = 8 * len(body) - pad
     if nnz == 0:
-        if len(body):
+        if len(body) or pad:
             raise CodecError("bytes after an empty elias stream")
         return np.zeros(d, dtype=_level_dtype(levels))
-    # each record holds at least 3 bits: checked before allocating anything per bit
-    if nnz > d or total < 3 * nnz or total > 3 * 64 * nnz:
+    # each record holds 3 to 2 * 55 + 1 bits: checked before allocating per bit
+    if nnz > d or total < 3 * nnz or total > 111 * nnz:
         raise CodecError(f"stream length {total} bits does not fit {nnz} nonzeros in d={d}")
     if pad and body[-1] & ((1 << pad) - 1):
         raise CodecError("nonzero padding bits")
-    gaps, neg, z = _elias_records(body, total, nnz)
+    idx_t = np.int32 if total + 64 < 2**31 else np.int64
+    w64 = _windows64(body)
+    win = _window16(body, total)
+    length = _codeword_lengths(w64, win, total)
+    chain = _record_starts(_jumps(length, total, idx_t), total, nnz)
+    starts = chain[:-1].astype(np.int64)
+    sign_at = starts + length[starts]
+    if (
+        chain[-1] != total
+        or len(starts) != nnz
+        or not (length[starts].all() and length[np.minimum(sign_at + 1, total - 1)].all())
+    ):
+        raise CodecError("elias stream is corrupt or does not hold nnz records")
+    gaps = _codeword_values(w64, win, starts)
+    neg = (w64[sign_at >> 3] << (sign_at & 7).astype(np.uint64)) >> np.uint64(63)
+    z = _codeword_values(w64, win, sign_at + 1)
     where = np.cumsum(gaps) - 1
     if where[-1] >= d:
         raise CodecError(f"a nonzero lies past d={d}")
@@ -609,7 +717,7 @@ def _decode_elias(body: np.ndarray, d: int, levels: int, nnz: int, pad: int) -> 
         raise CodecError(f"a level exceeds s={levels}")
     out = np.zeros(d, dtype=_level_dtype(levels))
     signed = z.astype(out.dtype)
-    np.negative(signed, out=signed, where=neg)
+    np.negative(signed, out=signed, where=neg.astype(bool))
     out[where] = signed
     return out
 
@@ -621,9 +729,7 @@ def encode(q: Quantized, coding: str = "elias") -> bytes:
     """Self-describing payload: header, float32 norms, bit stream (see module docstring)."""
     code = _check_coding(coding)
     if coding == "elias":
-        values, lengths = _elias_fields(q)
-        stream, pad = _write_fields(values, lengths)
-        nnz = len(values)
+        stream, pad, nnz = _encode_elias(q)
     else:
         stream, pad = _encode_fixed(q)
         nnz = 0
