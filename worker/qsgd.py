@@ -132,6 +132,20 @@ class Quantized:
 
     __hash__ = None  # type: ignore[assignment]  # arrays: equal but not hashable
 
+    @classmethod
+    def _trusted(cls, d: int, levels: int, bucket_size: int, norms, signed_levels) -> Quantized:
+        """Skip the O(d) checks for fields that decode has already validated."""
+        q = object.__new__(cls)
+        for name, value in zip(
+            ("d", "levels", "bucket_size", "norms", "signed_levels"),
+            (d, levels, bucket_size, norms, signed_levels),
+            strict=True,
+        ):
+            object.__setattr__(q, name, value)
+        norms.setflags(write=False)
+        signed_levels.setflags(write=False)
+        return q
+
     def nnz(self) -> int:
         return int(np.count_nonzero(self.signed_levels))
 
@@ -175,7 +189,8 @@ def _scale_per_bucket(x: np.ndarray, scale: np.ndarray, bucket_size: int) -> np.
     out = np.empty_like(x)
     full = len(x) // bucket_size * bucket_size
     np.multiply(
-        x[:full].reshape(-1, bucket_size), scale[: full // bucket_size, None],
+        x[:full].reshape(-1, bucket_size),
+        scale[: full // bucket_size, None],
         out=out[:full].reshape(-1, bucket_size),
     )
     if full < len(x):
@@ -701,15 +716,18 @@ def _decode_elias(body: np.ndarray, d: int, levels: int, nnz: int, pad: int) -> 
     chain = _record_starts(_jumps(length, total, idx_t), total, nnz)
     starts = chain[:-1].astype(np.int64)
     sign_at = starts + length[starts]
+    z_at = sign_at + 1
     if (
         chain[-1] != total
         or len(starts) != nnz
-        or not (length[starts].all() and length[np.minimum(sign_at + 1, total - 1)].all())
+        or not length[starts].all()
+        or z_at[-1] >= total
+        or not length[z_at].all()
     ):
         raise CodecError("elias stream is corrupt or does not hold nnz records")
     gaps = _codeword_values(w64, win, starts)
     neg = (w64[sign_at >> 3] << (sign_at & 7).astype(np.uint64)) >> np.uint64(63)
-    z = _codeword_values(w64, win, sign_at + 1)
+    z = _codeword_values(w64, win, z_at)
     where = np.cumsum(gaps) - 1
     if where[-1] >= d:
         raise CodecError(f"a nonzero lies past d={d}")
@@ -772,4 +790,4 @@ def decode(payload: bytes | bytearray | memoryview, max_d: int = MAX_D) -> Quant
         signed = _decode_fixed(body, d, levels, pad)
     else:
         signed = _decode_elias(body, d, levels, nnz, pad)
-    return Quantized(d, levels, bucket_size, norms, signed)
+    return Quantized._trusted(d, levels, bucket_size, norms, signed)
