@@ -92,6 +92,21 @@ def agent(master: str, rank: int | None, timeout: float, curve_dir: str | None) 
         raise click.ClickException(str(e)) from None
     raise SystemExit(code)
 # ---------------------------------------------------------------- report
+
+
+@cli.command()
+@click.argument("run_dirs", nargs=-1, required=True, metavar="RUN_DIR...")
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="Where figures and summary.md go (default: RUN_DIR/report for one run, "
+                   "report-<time>/ beside the first run for several).")
+@click.option("--target", default=1e-6, show_default=True, type=float,
+              help="The rel_error that 'rounds/bytes/time to' are measured at.")
+def report(run_dirs: tuple[str, ...], out: str | None, target: float) -> None:
+    """Figures (PNG, SVG) and a markdown summary from one or more run directories."""
+    from orchestrator.report import make_report
+
+    path = make_report(list(run_dirs), out, target)
+    click.echo(str(path / "summary.md"))
 # ---------------------------------------------------------------- cluster (ec2, hosts, netns)
 # ------------------------------------------------------- deploy / fetch / logs / stop / ami
 

@@ -93,7 +93,8 @@ class Experiment:
         """The cartesian product of the sweep, each combination ``repeats`` times with seeds
         ``seed, seed+1, ...``; each one validated."""
         keys = list(self.sweep)
-        out = []
+        out: list[Trial] = []
+        seen: dict[tuple, int] = {}  # resolved trial -> index: two equal trials are a mistake
         for combo in itertools.product(*(self.sweep[k] for k in keys)):
             point = apply_values(self, dict(zip(keys, combo, strict=True)))
             for rep in range(self.repeats):
@@ -101,7 +102,17 @@ class Experiment:
                 params = dict(zip(keys, combo, strict=True))
                 if self.repeats > 1:
                     params["repeat"] = rep
-                spec = point.trial_spec(len(out), seed)
+                try:
+                    spec = point.trial_spec(len(out), seed)
+                except ConfigError as e:
+                    raise ConfigError(f"{e.key} ({_describe(params)})", e.why) from None
+                same = (replace(point.problem, seed=seed), point.train, point.compress,
+                        point.cluster)
+                if same in seen:
+                    raise ConfigError("sweep", f"trials {seen[same]} and {len(out)} are identical"
+                                      f" ({_describe(params)}, seed {seed}): a value listed twice,"
+                                      " or problem.seed swept less than repeats apart")
+                seen[same] = len(out)
                 out.append(Trial(len(out), params, spec))
         return out
 
@@ -132,6 +143,10 @@ class Experiment:
         lines += [f'"{k}" = {_toml_value(v)}' for k, v in self.sweep.items()]
         lines.append(f"repeats = {self.repeats}")
         return "\n".join(lines) + "\n"
+
+
+def _describe(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={_toml_value(v)}" for k, v in params.items()) or "no swept keys"
 
 
 def _toml_value(v: Any) -> str:
@@ -262,6 +277,7 @@ def _with_sweep(exp: Experiment, sweep: Any) -> Experiment:
     if repeats < 1:
         raise ConfigError("sweep.repeats", f"must be >= 1, got {repeats}")
     grid: dict[str, list[Any]] = {}
+    owner: dict[str, str] = {}  # dotted key -> the sweep key that sets it
     for key, vals in sweep.items():
         if not isinstance(vals, list) or not vals:
             raise ConfigError(f"sweep.{key}", "must be a non-empty list of values")
@@ -272,8 +288,14 @@ def _with_sweep(exp: Experiment, sweep: Any) -> Experiment:
                     'a sweep key is "section.key" = [values], or "section" = [{key = value}, ...]',
                 )
             grid[key] = [{k: _check_value(f"{key}.{k}", x) for k, x in v.items()} for v in vals]
+            sets = {f"{key}.{k}" for v in vals for k in v}
         else:
             grid[key] = [_check_value(key, v) for v in vals]
+            sets = {key}
+        for dotted in sorted(sets):
+            if owner.setdefault(dotted, key) != key:
+                raise ConfigError(f"sweep.{key}", f"sweeps {dotted}, already swept by "
+                                  f"sweep.{owner[dotted]}; sweep each key once")
     exp = replace(exp, sweep=grid, repeats=repeats)
     exp.trials()  # every combination must be a valid trial, checked now
     return exp

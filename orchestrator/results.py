@@ -123,7 +123,8 @@ def read_metrics(path: str | Path) -> dict[str, np.ndarray]:
 
 def load_run(path: str | Path) -> dict[str, Any]:
     """A run directory as ``{"path", "metrics": {column: array}, "summary": dict,
-    "experiment": str}``; a clear RelufitError when it is missing or corrupt."""
+    "experiment": str, "trials": [per-trial dict]}`` (see ``split_trials``); a clear
+    RelufitError when it is missing or corrupt."""
     path = Path(path)
     if not path.is_dir():
         raise RelufitError(f"{path}: no such run directory")
@@ -131,12 +132,76 @@ def load_run(path: str | Path) -> dict[str, Any]:
         summary = json.loads((path / "summary.json").read_text())
     except FileNotFoundError:
         raise RelufitError(f"{path}: no summary.json; is this a relufit run directory?") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RelufitError(f"{path}/summary.json is corrupt: {e}") from None
+    _check_summary(path, summary)
     exp = path / "experiment.toml"
+    experiment = exp.read_text() if exp.exists() else ""
+    metrics = read_metrics(path / "metrics.csv")
     return {
         "path": path,
-        "metrics": read_metrics(path / "metrics.csv"),
+        "metrics": metrics,
         "summary": summary,
-        "experiment": exp.read_text() if exp.exists() else "",
+        "experiment": experiment,
+        "trials": split_trials(metrics, summary, experiment),
     }
+
+
+def _check_summary(path: Path, summary: Any) -> None:
+    trials = summary.get("trials") if isinstance(summary, dict) else None
+    ok = isinstance(trials, list) and all(
+        isinstance(t, dict) and isinstance(t.get("trial"), int) for t in trials
+    )
+    if not ok:
+        raise RelufitError(f"{path}/summary.json is corrupt: expected an object whose 'trials' "
+                           "is a list of objects with an integer 'trial'")
+
+
+def trial_metrics(metrics: dict[str, np.ndarray], trial: int) -> dict[str, np.ndarray]:
+    """The rows of one trial, sorted by round."""
+    rows = np.flatnonzero(metrics["trial"] == trial)
+    rows = rows[np.argsort(metrics["round"][rows], kind="stable")]
+    return {name: col[rows] for name, col in metrics.items()}
+
+
+def flat_params(params: dict[str, Any]) -> dict[str, Any]:
+    """Swept params with section sweeps (``{"compress": {"levels": 2}}``) as dotted keys."""
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def split_trials(
+    metrics: dict[str, np.ndarray], summary: dict[str, Any], experiment: str = ""
+) -> list[dict[str, Any]]:
+    """One dict per trial: the summary's entry (``params``, ``spec``, ``status``, ``rounds``...)
+    plus ``"metrics"``, that trial's rows. A trial with rows but no summary entry (the run was
+    killed mid-trial) gets status ``"incomplete"`` and, when experiment.toml allows, its spec."""
+    entries = {t["trial"]: dict(t) for t in summary.get("trials", [])}
+    for index in sorted(set(metrics["trial"].tolist()) - set(entries)):
+        entries[index] = {"trial": index, "status": "incomplete", **_planned(experiment, index)}
+    out = []
+    for index in sorted(entries):
+        entry = entries[index]
+        entry.setdefault("params", {})
+        entry.setdefault("spec", {})
+        entry["metrics"] = trial_metrics(metrics, index)
+        out.append(entry)
+    return out
+
+
+def _planned(experiment: str, index: int) -> dict[str, Any]:
+    """The params and spec experiment.toml planned for trial ``index``; {} if unknown."""
+    from orchestrator.config import from_dict, tomllib
+
+    if not experiment.strip():
+        return {}
+    try:
+        trials = from_dict(tomllib.loads(experiment), "run").trials()
+        return {"params": trials[index].params, "spec": trials[index].spec.to_dict()}
+    except (RelufitError, tomllib.TOMLDecodeError, IndexError):
+        return {}
