@@ -36,6 +36,7 @@ from typing import TypeVar
 
 import paramiko
 
+from orchestrator.cluster import Cluster
 from orchestrator.errors import RunError, SSHError
 
 Progress = Callable[[str], None]
@@ -65,6 +66,13 @@ class SSHTarget:
     @property
     def name(self) -> str:
         return self.label or (self.address if self.port == 22 else f"{self.address}:{self.port}")
+
+
+def targets(cluster: Cluster) -> list[SSHTarget]:
+    """One target per node of ``cluster``, in rank order."""
+    return [SSHTarget(n.address, n.user, cluster.key_path, cluster.known_hosts, n.port,
+                      f"node{n.rank} {n.address}" + (f":{n.port}" if n.port != 22 else ""))
+            for n in cluster.nodes]
 
 
 # ------------------------------------------------------------------------------ connecting
@@ -201,9 +209,16 @@ class Session:
         chan = self.client.get_transport().open_session()
         try:
             chan.set_combine_stderr(True)
+            chan.settimeout(0.5)  # wake up regularly, so Ctrl-C is seen while output is quiet
             chan.exec_command(command)
             buf = b""
-            while data := chan.recv(65536):
+            while True:
+                try:
+                    data = chan.recv(65536)
+                except TimeoutError:
+                    continue
+                if not data:
+                    break
                 buf += data
                 *lines, buf = buf.split(b"\n")
                 for line in lines:

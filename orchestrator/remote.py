@@ -1,0 +1,356 @@
+"""Run an experiment on a cluster: the master on node 0, agents on the other nodes.
+
+``run_on_cluster`` validates the experiment (the caller has loaded it), makes a CurveZMQ
+key pair for the run, ships the resolved experiment and the keys (mode 0600) over SFTP,
+and starts, as background processes that outlive the SSH session (own session, pidfile
+and log in the remote run directory ``~/relufit-runs/<run-id>/``):
+
+- on node 0: ``relufit run experiment.toml --backend listen --bind tcp://0.0.0.0:PORT``;
+- on the other nodes: ``relufit agent --master tcp://<node 0's private address>:PORT
+  --rank R``, ranks round-robin over the worker nodes (all on node 0 if it is alone).
+
+It streams the master's log back as progress. When the master ends, or on Ctrl-C (the
+remote processes are stopped first), the run directory comes back to
+``results/<run-id>/``, with each node's log under ``nodes/<rank>/`` (the master's under
+``nodes/master/``). ``fetch``, ``logs`` and ``stop`` work on any run later.
+
+Remote run directory::
+
+    ~/relufit-runs/<run-id>/
+        experiment.toml     the fully resolved experiment
+        keys-master/        server.key_secret, client.key      (node 0)
+        keys-agent/         server.key, client.key_secret      (nodes with agents)
+        master.pid .log .exit    agent-<rank>.pid .log .exit
+        out/<id>/           the master's run directory (metrics.csv, summary.json, ...)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from orchestrator import deploy
+from orchestrator.cluster import Cluster
+from orchestrator.config import Experiment
+from orchestrator.deploy import REMOTE_VENV, Session, SSHTarget
+from orchestrator.errors import RunError, SSHError
+from orchestrator.results import new_run_id
+
+Progress = Callable[[str], None]
+
+RUNS_DIR = "relufit-runs"
+MASTER_PORT = 5555  # inside the range EC2 opens within the cluster's security group
+THREADS = "OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1"
+STOP_GRACE_S = 15.0  # the master records the interrupted trial and STOPs its agents
+_RUN_ID_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+# Background jobs of a non-interactive sh start with SIGINT ignored, and an ignored signal
+# stays ignored across exec: Python would then never raise KeyboardInterrupt. Reset it.
+_LAUNCH = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+           "os.execv(sys.argv[1], sys.argv[1:])")
+
+
+def placement(workers: int, nodes: int) -> dict[int, int]:
+    """rank -> node index: round-robin over nodes 1..N-1, or node 0 when it is alone."""
+    hosts = list(range(1, nodes)) or [0]
+    return {rank: hosts[rank % len(hosts)] for rank in range(workers)}
+
+
+def run_dir(run_id: str) -> str:
+    if not _RUN_ID_RE.match(run_id):
+        raise RunError(f"{run_id!r} is not a run id")
+    return f"{RUNS_DIR}/{run_id}"
+
+
+def spawn_command(rdir: str, name: str, args: list[str]) -> str:
+    """Shell command that starts ``relufit ARGS`` in ``rdir`` in its own session, detached
+    from the SSH session; ``name``.pid holds its process group, ``name``.exit its code."""
+    relufit = f'"$HOME/{REMOTE_VENV}/bin/relufit"'
+    py = f'"$HOME/{REMOTE_VENV}/bin/python"'
+    inner = (f"echo $$ > {name}.pid; env {THREADS} {py} -c {shlex.quote(_LAUNCH)} {relufit} "
+             f"{' '.join(shlex.quote(a) for a in args)}; echo $? > {name}.exit")
+    # `a && b &` would background a subshell that holds the SSH channel open until the
+    # process ends: only the setsid command itself goes to the background.
+    return (f"cd {shlex.quote(rdir)} || exit 1; rm -f {name}.exit; "
+            f"setsid nohup sh -c {shlex.quote(inner)} > {name}.log 2>&1 < /dev/null &")
+
+
+# Signal every process group named by a pidfile (only if it is still one of ours), wait up
+# to $2 seconds for them to end. $1: the signal; the rest: pidfiles.
+_SIGNAL_SCRIPT = r"""
+sig=$1; wait_s=$2; shift 2
+pids=""
+for f in "$@"; do
+  [ -f "$f" ] || continue
+  p=$(cat "$f" 2>/dev/null) || continue
+  case "$p" in ''|*[!0-9]*) continue ;; esac
+  grep -q "$(basename "$f" .pid).pid" /proc/$p/cmdline 2>/dev/null || continue
+  kill -s "$sig" -- "-$p" 2>/dev/null && pids="$pids $p"
+done
+end=$(( $(date +%s) + wait_s ))
+for p in $pids; do
+  while kill -0 "$p" 2>/dev/null && [ "$(date +%s)" -lt "$end" ]; do sleep 0.2; done
+done
+for p in $pids; do kill -0 "$p" 2>/dev/null && echo "alive $p"; done
+true
+"""
+
+
+def _signal(s: Session, rdir: str, sig: str, wait_s: float, pidfiles: str) -> list[int]:
+    """Send ``sig`` to the groups of ``pidfiles`` (a shell glob in ``rdir``); the pids
+    still alive after ``wait_s`` seconds."""
+    out = s.run(f"cd {shlex.quote(rdir)} 2>/dev/null || exit 0; "
+                f"sh -c {shlex.quote(_SIGNAL_SCRIPT)} sh {sig} {int(wait_s)} {pidfiles}")
+    return [int(line.split()[1]) for line in out.splitlines() if line.startswith("alive ")]
+
+
+class RemoteRun:
+    """One run on one cluster: where each process is, and how to start, follow and stop it."""
+
+    def __init__(self, cluster: Cluster, run_id: str, workers: int = 0,
+                 port: int = MASTER_PORT):
+        self.cluster, self.run_id, self.port = cluster, run_id, port
+        self.rdir = run_dir(run_id)
+        self.targets = deploy.targets(cluster)
+        self.ranks = placement(workers, len(cluster.nodes))
+
+    @property
+    def master(self) -> SSHTarget:
+        return self.targets[0]
+
+    def agent_nodes(self) -> dict[int, list[int]]:
+        """node index -> ranks it runs."""
+        out: dict[int, list[int]] = {}
+        for rank, node in self.ranks.items():
+            out.setdefault(node, []).append(rank)
+        return out
+
+    # -------------------------------------------------------------- start
+
+    def start(self, exp: Experiment, progress: Progress) -> None:
+        with tempfile.TemporaryDirectory(prefix="relufit-curve-") as tmp:
+            from orchestrator.master import create_curve_keys
+
+            keys = create_curve_keys(Path(tmp) / "keys")
+            files = {n: (keys / n).read_bytes() for n in
+                     ("server.key", "server.key_secret", "client.key", "client.key_secret")}
+        uses = self.agent_nodes()
+        self._check_installed(progress)
+
+        def ship(t: SSHTarget) -> None:
+            i = self.targets.index(t)
+            with Session(t) as s:
+                s.mkdir(self.rdir)
+                if i == 0:
+                    s.mkdir(f"{self.rdir}/keys-master")
+                    s.put_bytes(files["server.key_secret"],
+                                f"{self.rdir}/keys-master/server.key_secret")
+                    s.put_bytes(files["client.key"], f"{self.rdir}/keys-master/client.key")
+                    s.put_bytes(exp.to_toml().encode(), f"{self.rdir}/experiment.toml", 0o644)
+                if i in uses:
+                    s.mkdir(f"{self.rdir}/keys-agent")
+                    s.put_bytes(files["server.key"], f"{self.rdir}/keys-agent/server.key")
+                    s.put_bytes(files["client.key_secret"],
+                                f"{self.rdir}/keys-agent/client.key_secret")
+
+        deploy.on_all([self.targets[i] for i in sorted({0, *uses})], ship, progress)
+        with Session(self.master) as s:
+            s.run(spawn_command(self.rdir, "master", [
+                "run", "experiment.toml", "--backend", "listen", "--out", "out",
+                "--bind", f"tcp://0.0.0.0:{self.port}", "--curve-dir", "keys-master"]))
+        progress(f"master started on {self.master.name} (port {self.port})")
+        endpoint = f"tcp://{self.cluster.master.private_address}:{self.port}"
+
+        def launch(t: SSHTarget) -> None:
+            with Session(t) as s:
+                for rank in uses[self.targets.index(t)]:
+                    s.run(spawn_command(self.rdir, f"agent-{rank}", [
+                        "agent", "--master", endpoint, "--rank", str(rank),
+                        "--timeout", f"{exp.cluster.connect_timeout:g}",
+                        "--curve-dir", "keys-agent"]))
+
+        deploy.on_all([self.targets[i] for i in sorted(uses)], launch, progress)
+        progress(f"{len(self.ranks)} agent(s) started on {len(uses)} node(s), "
+                 f"connecting to {endpoint}")
+
+    def _check_installed(self, progress: Progress) -> None:
+        def check(t: SSHTarget) -> None:
+            with Session(t) as s:
+                rc, _ = s.run_rc(f'test -x "$HOME/{REMOTE_VENV}/bin/relufit"')
+            if rc != 0:
+                raise SSHError(t.name, f"relufit is not installed; run `relufit deploy "
+                                       f"{self.cluster.name}` first")
+
+        deploy.on_all(self.targets, check, progress)
+
+    # -------------------------------------------------------------- follow
+
+    def follow(self, on_line: Callable[[str], None]) -> int:
+        """Hand each line of the master's log to ``on_line`` until the master ends; its exit
+        code (or -1 if unknown)."""
+        d = shlex.quote(self.rdir)
+        with Session(self.master) as s:
+            s.stream(f"cd {d} && tail -n +1 -F master.log --pid=$(cat master.pid) 2>/dev/null",
+                     on_line)
+            code = s.run(f"cat {d}/master.exit 2>/dev/null", check=False).strip()
+        return int(code) if code.lstrip("-").isdigit() else -1
+
+    # -------------------------------------------------------------- stop
+
+    def stop(self, progress: Progress = lambda line: None) -> None:
+        """Ctrl-C the master (it records the interrupted trial and STOPs its agents), then
+        TERM and at last KILL whatever is left on every node."""
+        try:
+            with Session(self.master, timeout=30) as s:
+                if _signal(s, self.rdir, "INT", STOP_GRACE_S, "master.pid"):
+                    _signal(s, self.rdir, "KILL", 2, "master.pid")
+        except SSHError as e:
+            progress(f"  {e}")
+
+        def finish(t: SSHTarget) -> None:
+            with Session(t, timeout=30) as s:
+                if _signal(s, self.rdir, "TERM", 3, "*.pid"):
+                    _signal(s, self.rdir, "KILL", 2, "*.pid")
+
+        deploy.on_all(self.targets, finish, progress)
+        progress(f"stopped run {self.run_id} on {len(self.targets)} node(s)")
+
+    # -------------------------------------------------------------- fetch
+
+    def fetch(self, out: str | Path, progress: Progress = lambda line: None) -> Path:
+        """Copy the run back: the master's run directory to ``out/<run-id>/``, node logs to
+        ``out/<run-id>/nodes/<rank>/`` (``nodes/master/`` for the master)."""
+        dest = Path(out) / self.run_id
+        with Session(self.master) as s:
+            outs = sorted(s.listdir_sizes(f"{self.rdir}/out"))
+            count = s.get_tree(f"{self.rdir}/out/{outs[0]}", dest) if outs else 0
+        self.fetch_logs(dest)
+        if not outs:
+            raise RunError(f"run {self.run_id} wrote no run directory (the master failed "
+                           f"before its first trial); see {dest}/nodes/master/master.log")
+        progress(f"fetched {count} file(s) and the node logs to {dest}")
+        return dest
+
+    def fetch_logs(self, dest: Path) -> None:
+        def get(t: SSHTarget) -> dict[str, int]:
+            found: dict[str, int] = {}
+            with Session(t) as s:
+                for name in s.listdir_sizes(self.rdir):
+                    m = re.fullmatch(r"(master|agent-(\d+))\.(log|exit)", name)
+                    if not m:
+                        continue
+                    who = "master" if m.group(1) == "master" else m.group(2)
+                    local = dest / "nodes" / who / ("agent" if who != "master" else "master")
+                    local = local.with_suffix("." + m.group(3))
+                    local.parent.mkdir(parents=True, exist_ok=True)
+                    s.sftp.get(f"{self.rdir}/{name}", str(local))
+                    if m.group(3) == "log":
+                        found[who] = self.targets.index(t)
+            return found
+
+        where: dict[str, str] = {}
+        for i, found in enumerate(deploy.on_all(self.targets, get)):
+            where.update({who: self.targets[i].name for who in found})
+        (dest / "nodes").mkdir(parents=True, exist_ok=True)
+        (dest / "nodes" / "placement.json").write_text(json.dumps(where, indent=1) + "\n")
+
+
+def run_on_cluster(exp: Experiment, cluster: Cluster, out: str | Path = "results",
+                   progress: Progress = print, port: int = MASTER_PORT) -> Path:
+    """Run ``exp`` on ``cluster`` and bring the results home; the local run directory.
+    Ctrl-C stops the remote processes, fetches what was written, and re-raises."""
+    workers = max(t.spec.workers for t in exp.trials())
+    run_id = new_run_id(exp.name)
+    while (Path(out) / run_id).exists():
+        run_id += "-2"
+    rr = RemoteRun(cluster, run_id, workers, port)
+    progress(f"run {run_id} on cluster {cluster.name}: master on {rr.master.name}, "
+             f"{workers} agent(s) on {len(rr.agent_nodes())} node(s)")
+    try:
+        rr.start(exp, progress)
+        code = rr.follow(progress)
+    except KeyboardInterrupt:
+        progress("interrupted: stopping the remote processes, then fetching what was written")
+        rr.stop(progress)
+        _fetch_quietly(rr, out, progress)
+        raise
+    except BaseException:
+        rr.stop(progress)
+        _fetch_quietly(rr, out, progress)
+        raise
+    rr.stop()  # agents normally exit on STOP; make sure nothing lingers
+    dest = rr.fetch(out, progress)
+    if code != 0:
+        raise RunError(f"the master on {rr.master.name} exited with code {code}; "
+                       f"see {dest}/nodes/master/master.log")
+    return dest
+
+
+def _fetch_quietly(rr: RemoteRun, out: str | Path, progress: Progress) -> None:
+    try:
+        rr.fetch(out, progress)
+    except (SSHError, RunError) as e:
+        progress(f"  {e}")
+
+
+# ---------------------------------------------------------------- later: fetch, logs, stop
+
+def list_runs(cluster: Cluster) -> list[str]:
+    """Run ids on node 0, oldest first."""
+    with Session(deploy.targets(cluster)[0]) as s:
+        return sorted(s.listdir_sizes(RUNS_DIR))
+
+
+def latest_run(cluster: Cluster) -> str:
+    runs = list_runs(cluster)
+    if not runs:
+        raise RunError(f"no runs on cluster {cluster.name}")
+    return runs[-1]
+
+
+def fetch(cluster: Cluster, run_id: str, out: str | Path = "results",
+          progress: Progress = print) -> Path:
+    dest = Path(out) / run_id
+    if dest.exists():
+        shutil.rmtree(dest)  # a re-fetch replaces the old copy: the node has the truth
+    return RemoteRun(cluster, run_id).fetch(out, progress)
+
+
+def logs(cluster: Cluster, run_id: str | None, rank: int | None) -> str:
+    """The master's log of a run (default: the latest), or agent ``rank``'s."""
+    run_id = run_id or latest_run(cluster)
+    rdir = run_dir(run_id)
+    name = "master.log" if rank is None else f"agent-{rank}.log"
+
+    def read(t: SSHTarget) -> str | None:
+        with Session(t) as s:
+            rc, text = s.run_rc(f"cat {shlex.quote(rdir)}/{name}")
+        return text if rc == 0 else None
+
+    targets = deploy.targets(cluster)
+    found = [x for x in deploy.on_all(targets if rank is not None else targets[:1], read)
+             if x is not None]
+    if not found:
+        raise RunError(f"no {name} for run {run_id} on cluster {cluster.name}")
+    return found[0]
+
+
+def stop(cluster: Cluster, run_id: str | None = None, progress: Progress = print) -> list[str]:
+    """Stop one run (or every run) on the cluster; the run ids stopped."""
+    ids = [run_id] if run_id else _runs_anywhere(cluster)
+    for rid in ids:
+        RemoteRun(cluster, rid).stop(progress)
+    return ids
+
+
+def _runs_anywhere(cluster: Cluster) -> list[str]:
+    def runs(t: SSHTarget) -> list[str]:
+        with Session(t, timeout=30) as s:
+            return list(s.listdir_sizes(RUNS_DIR))
+
+    return sorted({r for found in deploy.on_all(deploy.targets(cluster), runs) for r in found})
+
