@@ -10,7 +10,7 @@ from __future__ import annotations
 import click
 
 from orchestrator import __version__
-from orchestrator.errors import RelufitError
+from orchestrator.errors import ConfigError, RelufitError
 
 
 class _Cli(click.Group):
@@ -57,14 +57,23 @@ def echo_progress(line: str) -> None:
               help="listen backend: the master's address; agents connect to it.")
 @click.option("--curve-dir", default=None, hidden=True, type=click.Path(file_okay=False),
               help="listen backend: CurveZMQ keys (server.key_secret, clients' *.key).")
+@click.option("--cluster", "cluster_name", default=None, metavar="NAME",
+              help="Run on cluster NAME (`relufit cluster up`; then `relufit deploy NAME`).")
 def run(experiment_file: str, backend: str | None, overrides: tuple[str, ...], out: str,
-        bind: str, curve_dir: str | None) -> None:
+        bind: str, curve_dir: str | None, cluster_name: str | None) -> None:
     """Run EXPERIMENT_FILE (TOML): every trial of its sweep, written to OUT/<run-id>/."""
     from orchestrator.config import load_experiment
     from orchestrator.providers import DEFAULT_BACKEND, open_pool
     from orchestrator.runner import run_experiment
 
     exp = load_experiment(experiment_file, list(overrides))
+    if cluster_name:  # the deploy area: master on node 0, agents on the others
+        if backend:
+            raise ConfigError("--backend", "not with --cluster: the cluster is the backend")
+        from orchestrator.remote import run_on_cluster
+
+        click.echo(str(run_on_cluster(exp, _find_cluster(cluster_name), out, echo_progress)))
+        return
     backend = backend or DEFAULT_BACKEND
     options = {"bind": bind, "curve_dir": curve_dir, "progress": echo_progress}
     with open_pool(backend, exp, **(options if backend == "listen" else {})) as pool:
@@ -108,7 +117,269 @@ def report(run_dirs: tuple[str, ...], out: str | None, target: float) -> None:
     path = make_report(list(run_dirs), out, target)
     click.echo(str(path / "summary.md"))
 # ---------------------------------------------------------------- cluster (ec2, hosts, netns)
+
+
+def _confirm(yes: bool):
+    """The confirmation callback the providers ask before spending money or deleting."""
+    return (lambda _question: True) if yes else (lambda q: click.confirm(q, default=False))
+
+
+region_option = click.option(
+    "--region", default=None,
+    help="AWS region (default: AWS_REGION, AWS_DEFAULT_REGION, then the AWS_PROFILE's).")
+yes_option = click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+
+
+@cli.group()
+def cluster() -> None:
+    """Clusters to run on: EC2 instances, machines you have, or emulated hosts."""
+
+
+@cluster.command("up")
+@click.option("--provider", type=click.Choice(["ec2", "hosts", "netns"]), default="ec2",
+              show_default=True, help="Where the nodes come from.")
+@click.option("--spec", "spec_file", type=click.Path(dir_okay=False), default=None,
+              help="Cluster spec (TOML; keys as these flags, with _ for -); flags override it.")
+@click.option("--name", default=None, help="Cluster name (a-z, 0-9, -).")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Worker nodes, besides the master [default: 2].")
+@region_option
+@click.option("--instance-type", default=None, help="Workers' type [default: c5.large].")
+@click.option("--master-instance-type", default=None, help="Master's type [default: as workers].")
+@click.option("--ami", default=None,
+              help="Image id [default: newest relufit:ami image, else newest Ubuntu LTS].")
+@click.option("--spot/--on-demand", default=None, help="Spot instances [default: on-demand].")
+@click.option("--subnet", default=None, help="Subnet id [default: the default VPC's].")
+@click.option("--availability-zone", default=None, help="Preferred zone (others on no capacity).")
+@click.option("--ssh-cidr", default=None,
+              help="Who may SSH in [default: this machine's public IP /32].")
+@click.option("--max-hours", type=float, default=None,
+              help="Kill switch: instances terminate after this [default: 4].")
+@click.option("--dry-run", is_flag=True, help="Check everything with EC2; create nothing.")
+@click.option("--bandwidth", default=None, metavar="RATE",
+              help="netns: workers' links, e.g. 100mbit, 1gbit or a preset such as c5.large "
+                   "[default: unshaped].")
+@click.option("--master-bandwidth", default=None, metavar="RATE",
+              help="netns: the master's link [default: as --bandwidth].")
+@click.option("--hosts-file", default=None, type=click.Path(dir_okay=False),
+              help="hosts: TOML file listing the machines (the first runs the master).")
+@yes_option
+def cluster_up(provider: str, spec_file: str | None, dry_run: bool, yes: bool,
+               bandwidth: str | None, master_bandwidth: str | None, hosts_file: str | None,
+               **flags) -> None:
+    """Create a cluster: one master and --workers workers."""
+    if provider == "hosts":
+        _hosts_up(flags, hosts_file, bandwidth or master_bandwidth)
+        return
+    if provider == "netns":
+        _netns_up(flags, bandwidth, master_bandwidth)
+        return
+    if bandwidth or master_bandwidth:
+        raise ConfigError("--bandwidth", "shapes emulated links: only with --provider netns")
+    if hosts_file:
+        raise ConfigError("--hosts-file", "only with --provider hosts")
+    from orchestrator.cluster import load_spec
+    from orchestrator.providers import ec2
+
+    spec = load_spec(spec_file, flags)
+    c = ec2.up(spec, confirm=_confirm(yes), progress=echo_progress, dry_run_only=dry_run)
+    if c is not None:
+        click.echo(c.name)
+
+
+def _netns_up(flags: dict, bandwidth: str | None, master_bandwidth: str | None) -> None:
+    """`cluster up --provider netns`: emulated hosts on this machine (Linux, root)."""
+    from orchestrator.providers import netns
+
+    ec2_only = [k for k, v in flags.items() if v is not None and k not in ("name", "workers")]
+    if ec2_only:
+        raise ConfigError("--" + ec2_only[0].replace("_", "-"), "only with --provider ec2")
+    if not flags["name"]:
+        raise ConfigError("--name", "an emulated cluster needs a name")
+    c = netns.up(flags["name"], flags["workers"] or 2, bandwidth, master_bandwidth,
+                 progress=echo_progress)
+    click.echo(c.name)
+
+
+@cluster.command("down")
+@click.argument("name")
+@region_option
+def cluster_down(name: str, region: str | None) -> None:
+    """Remove cluster NAME and everything it made; safe to run twice."""
+    from orchestrator.cluster import check_name, read_cluster
+    from orchestrator.providers import netns
+
+    local = read_cluster(check_name(name, "NAME"))
+    provider = local.provider if local else "netns" if netns.exists(name) else "ec2"
+    if provider == "netns":  # also an `up` killed before it saved the cluster
+        netns.down(name, progress=echo_progress)
+        return
+    if provider == "hosts":
+        from orchestrator.providers import hosts
+
+        hosts.down(name, echo_progress)
+        return
+    if provider != "ec2":
+        raise RelufitError(f"`cluster down` for {provider} clusters is not available yet")
+    from orchestrator.providers import ec2
+
+    ec2.down(name, region, echo_progress)
+
+
+@cluster.command("status")
+@click.argument("name")
+@region_option
+def cluster_status(name: str, region: str | None) -> None:
+    """Nodes of cluster NAME: ranks, roles, addresses and states."""
+    from orchestrator.cluster import check_name, read_cluster
+
+    local = read_cluster(check_name(name, "NAME"))
+    if local is not None and local.provider != "ec2":
+        for n in local.nodes:
+            click.echo(f"{n.rank:>4}  {n.role:<6}  {n.user}@{n.address}:{n.port}  "
+                       f"{n.private_address}")
+        return
+    from orchestrator.providers import ec2
+
+    _, rows = ec2.status(name, region)
+    if not rows:
+        raise RelufitError(f"no cluster {name!r} found: `relufit cluster list` shows them")
+    click.echo(f"{'rank':>4}  {'role':<6}  {'instance':<19}  {'type':<10}  {'state':<13}  "
+               f"{'public ip':<15}  {'private ip':<15}  zone")
+    for r in rows:
+        click.echo(f"{r['rank']:>4}  {r['role']:<6}  {r['instance_id']:<19}  {r['type']:<10}  "
+                   f"{r['state']:<13}  {r['public_ip']:<15}  {r['private_ip']:<15}  {r['zone']}")
+
+
+@cluster.command("list")
+@region_option
+@click.option("--all-regions", is_flag=True, help="Look in every enabled region.")
+def cluster_list(region: str | None, all_regions: bool) -> None:
+    """Every relufit cluster with running instances: age, size, estimated cost so far."""
+    from orchestrator import pricing
+    from orchestrator.providers import ec2
+
+    found = ec2.list_clusters(region, all_regions, echo_progress)
+    if not found:
+        echo_progress("No relufit clusters found.")
+        return
+    click.echo(f"{'name':<20}  {'region':<14}  {'instances':>9}  {'age':>7}  {'cost so far':>11}  "
+               "types")
+    for s in found:
+        cost = "?" if s.cost_so_far is None else f"${s.cost_so_far:.2f}"
+        click.echo(f"{s.name:<20}  {s.region:<14}  {s.instances:>9}  {s.age_h:>6.1f}h  "
+                   f"{cost:>11}  {','.join(s.types)}")
+    echo_progress(f"(cost: on-demand list prices of {pricing.PRICES_REGION} as of "
+                  f"{pricing.PRICES_AS_OF}, instances only)")
+
+
+@cluster.command("ssh")
+@click.argument("name")
+@click.option("--rank", type=int, default=0, show_default=True, help="Node to log in to.")
+@region_option
+@click.argument("command", nargs=-1)
+def cluster_ssh(name: str, rank: int, region: str | None, command: tuple[str, ...]) -> None:
+    """Log in to node RANK of cluster NAME (or run COMMAND there) with OpenSSH."""
+    import os
+
+    from orchestrator.cluster import check_name, read_cluster, ssh_argv
+
+    c = read_cluster(check_name(name, "NAME"))
+    if c is None or c.provider == "ec2":  # EC2: the tags know the current addresses
+        from orchestrator.providers import ec2
+
+        c = ec2.find_cluster(name, region or (c.region if c else None))
+        if c is None:
+            raise RelufitError(f"no running cluster {name!r}: `relufit cluster list` shows them")
+    argv = ssh_argv(c, rank, *command)
+    os.execvp(argv[0], argv)
+
+
+@cluster.command("gc")
+@region_option
+@yes_option
+def cluster_gc(region: str | None, yes: bool) -> None:
+    """Delete relufit-tagged groups, key pairs and volumes of clusters that are gone."""
+    from orchestrator.providers import ec2
+
+    ec2.gc(region, confirm=_confirm(yes), progress=echo_progress)
 # ------------------------------------------------------- deploy / fetch / logs / stop / ami
+
+
+def _hosts_up(flags: dict, hosts_file: str | None, bandwidth: str | None) -> None:
+    """`cluster up --provider hosts`: machines listed in a hosts file."""
+    from orchestrator.providers import hosts
+
+    others = [k for k, v in flags.items() if v is not None and k != "name"]
+    if others or bandwidth:
+        flag = "--" + others[0].replace("_", "-") if others else "--bandwidth"
+        raise ConfigError(flag, "not with --provider hosts: the hosts file lists the machines")
+    if not hosts_file:
+        raise ConfigError("--hosts-file", "--provider hosts needs --hosts-file hosts.toml")
+    if not flags["name"]:
+        raise ConfigError("--name", "a hosts cluster needs a name")
+    click.echo(hosts.up(flags["name"], hosts_file, echo_progress).name)
+
+
+def _find_cluster(name: str):
+    """The cluster NAME, with current addresses (EC2: from its tags)."""
+    from orchestrator.cluster import check_name, load_cluster, read_cluster
+
+    c = read_cluster(check_name(name, "CLUSTER"))
+    if c is not None and c.provider == "ec2":
+        from orchestrator.providers import ec2
+
+        c = ec2.find_cluster(name, c.region) or c
+    return c or load_cluster(name)
+
+
+@cli.command()
+@click.argument("cluster_name", metavar="CLUSTER")
+@click.option("--from-index", is_flag=True,
+              help="Nodes install the dependencies from their package index, instead of the "
+                   "wheels shipped from here.")
+def deploy(cluster_name: str, from_index: bool) -> None:
+    """Install this exact relufit (and its dependencies) on every node of CLUSTER."""
+    from orchestrator import deploy as dep
+
+    c = _find_cluster(cluster_name)
+    reports = dep.deploy(dep.targets(c), from_index, progress=echo_progress)
+    for r in reports:
+        click.echo(f"{r.node}  {r.version}  {r.uploaded_bytes / 1e6:.1f} MB  {r.seconds:.1f} s")
+
+
+@cli.command()
+@click.argument("cluster_name", metavar="CLUSTER")
+@click.argument("run_id")
+@click.option("--out", default="results", show_default=True, type=click.Path(file_okay=False),
+              help="Where run directories are written.")
+def fetch(cluster_name: str, run_id: str, out: str) -> None:
+    """Copy run RUN_ID from CLUSTER to OUT/RUN_ID/ (node logs under nodes/)."""
+    from orchestrator import remote
+
+    click.echo(str(remote.fetch(_find_cluster(cluster_name), run_id, out, echo_progress)))
+
+
+@cli.command()
+@click.argument("cluster_name", metavar="CLUSTER")
+@click.argument("run_id", required=False)
+@click.option("--rank", type=int, default=None, help="An agent's log instead of the master's.")
+def logs(cluster_name: str, run_id: str | None, rank: int | None) -> None:
+    """Print the master's log of RUN_ID (default: the latest run) on CLUSTER."""
+    from orchestrator import remote
+
+    click.echo(remote.logs(_find_cluster(cluster_name), run_id, rank), nl=False)
+
+
+@cli.command()
+@click.argument("cluster_name", metavar="CLUSTER")
+@click.argument("run_id", required=False)
+def stop(cluster_name: str, run_id: str | None) -> None:
+    """Stop run RUN_ID (default: every run) on CLUSTER: master first, then the agents."""
+    from orchestrator import remote
+
+    for rid in remote.stop(_find_cluster(cluster_name), run_id, echo_progress):
+        click.echo(rid)
 
 
 def main() -> None:
