@@ -304,12 +304,42 @@ def _write_words(fields: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, i
     return out.byteswap().view(np.uint8)[: (total + 7) // 8], (-total) % 8
 
 
+@functools.cache
+def _omega_code_table() -> tuple[np.ndarray, np.ndarray]:
+    """Codewords of 0 .. 2**16 - 1 (entry 0 unused): one gather instead of the loop."""
+    code, length = _omega_code(np.arange(1 << 16, dtype=np.int64))
+    return code, length
+
+
+def _omega_code_fast(n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    table_code, table_len = _omega_code_table()
+    small = np.minimum(n, len(table_code) - 1)
+    code, length = table_code[small], table_len[small]
+    big = np.flatnonzero(n >= len(table_code))
+    if len(big):
+        code[big], length[big] = _omega_code(n[big])
+    return code, length
+
+
+def _nonzero_indices(lv: np.ndarray) -> np.ndarray:
+    """np.flatnonzero(lv), faster when sparse: find the nonzero 8-byte words first."""
+    per_word = 8 // lv.itemsize
+    full = len(lv) // per_word * per_word
+    as_words = lv[:full].view(np.uint64)
+    words = np.flatnonzero(as_words != 0)
+    if len(words) * 8 > full:  # dense: the direct scan is cheaper
+        return np.flatnonzero(lv != 0)
+    inside = np.flatnonzero(as_words[words].view(lv.dtype) != 0)
+    idx = words[inside // per_word] * per_word + inside % per_word
+    return np.concatenate([idx, full + np.flatnonzero(lv[full:])])
+
+
 def _elias_codes(lv: np.ndarray):
     """Per nonzero: the gap and level codewords and the sign, in coordinate order."""
-    idx = np.flatnonzero(lv != 0)
+    idx = _nonzero_indices(lv)
     vals = lv[idx]
-    gap_code, gap_len = _omega_code(np.diff(idx, prepend=-1))
-    z_code, z_len = _omega_code(np.abs(vals.astype(np.int64)))
+    gap_code, gap_len = _omega_code_fast(np.diff(idx, prepend=-1))
+    z_code, z_len = _omega_code_fast(np.abs(vals.astype(np.int64)))
     return gap_code, gap_len, (vals < 0).astype(np.uint64), z_code, z_len
 
 
@@ -551,7 +581,8 @@ def _decode_fixed(body: np.ndarray, d: int, levels: int, pad: int) -> np.ndarray
 
 _LUT_BITS = 16
 _WALK_EVERY = 256  # bits between walkers
-_WALK_MARGIN = 48  # steps a walker takes beyond its stretch, to resynchronize
+_WALK_MARGIN = 24  # steps a walker takes beyond its stretch, to resynchronize
+_WALK_SLACK = 2.0  # times the mean number of records in a stretch
 
 
 def _windows64(body: np.ndarray) -> np.ndarray:
@@ -588,8 +619,12 @@ def _omega_at(w: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     ends = [x >> u(63) == 0, ((x >> u(61)) & one) == 0]
     ends += [(x << at) >> u(63) == 0 for at in (at2, at3, at4)]
     ends[4] &= ~big
-    length = np.select(ends, [one, u(3), at2 + one, at3 + one, at4 + one], u(0))
-    value = np.select(ends[:4], [one, n1, n2, n3], n4)
+    # the first end found wins: fold from the last candidate back to the first
+    length = np.where(ends[4], at4 + one, u(0))
+    value = n4
+    for end, at, n in zip(ends[3::-1], (at3, at2, u(2), u(0)), (n3, n2, n1, one), strict=True):
+        length = np.where(end, at + one, length)
+        value = np.where(end, n, value)
     return length.astype(np.int64), value.astype(np.int64)
 
 
@@ -643,16 +678,18 @@ def _jumps(length: np.ndarray, total: int, idx_t: type) -> np.ndarray:
     """J(p) = p + L(p) + 1 + L(p + L(p) + 1): where a record starting at p ends.
 
     Where no record can start (a length is 0) J still moves forward, so walkers pass
-    over such positions; the chain found is checked for them afterwards. J = total is
-    the clean end, total + 1 a record cut short by the end.
+    over such positions; the chain found is checked for them afterwards, and for a
+    last record cut short by the end (J is capped at total, the one sink).
     """
     ext = np.zeros(total + 64, dtype=np.uint8)
     ext[:total] = length
-    jump = np.empty(total + 2, dtype=idx_t)
+    jump = np.empty(total + 1, dtype=idx_t)
     z_at = np.arange(1, total + 1, dtype=idx_t)
     z_at += length
     np.add(z_at, ext[z_at], out=jump[:total])
-    jump[total], jump[total + 1] = total, total + 1
+    tail = jump[max(total - 128, 0) : total]  # only the last records can overrun
+    np.minimum(tail, total, out=tail)
+    jump[total] = total
     return jump
 
 
@@ -670,32 +707,47 @@ def _record_starts(jump: np.ndarray, total: int, nnz: int) -> np.ndarray:
     """The chain 0, J(0), ... through ``jump`` (sink ``total``), ending with ``total``.
 
     Walker i starts at bit 256 i and takes enough steps to pass well into walker i+1's
-    stretch. Walker 0 is on the chain; once walker i is, its last position lies on
-    walker i+1's path, which is on the chain from there. So the chain is walker 0's path,
-    then each walker's path after the point where the previous walker ended. The result
-    is checked against J; if a walker failed to resynchronize, pointer doubling over all
-    positions gives the chain.
+    stretch. Walker 0 is on the chain; once walker i is, its last position that walker
+    i+1 also reached lies on walker i+1's path, which is on the chain from there. So the
+    chain is walker 0's path to that hand-over point, then walker 1's to the next, and
+    so on. The result is checked against J; if a walker failed to resynchronize, pointer
+    doubling over all positions gives the chain.
     """
-    steps = min(int(2 * _WALK_EVERY * nnz / total) + _WALK_MARGIN, nnz)
-    k = -(-total // _WALK_EVERY)
-    paths = np.empty((steps + 1, k), dtype=jump.dtype)
+    steps = min(int(_WALK_SLACK * _WALK_EVERY * nnz / total) + _WALK_MARGIN, nnz)
+    paths = np.empty((steps + 1, -(-total // _WALK_EVERY)), dtype=jump.dtype)
     paths[0] = np.arange(0, total, _WALK_EVERY)
-    for i in range(steps):  # lockstep walk
-        np.take(jump, paths[i], out=paths[i + 1])
-    # each walker's path is increasing: offset walker i by i * (total + 1) and search
-    # all paths at once for where the previous walker's last position lies
+    for _ in range(3):  # a walker slow to resynchronize: walk twice as far
+        for i in range(len(paths) - steps - 1, len(paths) - 1):  # lockstep walk
+            np.take(jump, paths[i], out=paths[i + 1])
+        chain = _stitch(paths, jump, total)
+        if chain is not None or steps >= nnz:
+            break
+        paths = np.concatenate([paths, np.empty((len(paths), paths.shape[1]), paths.dtype)])
+        steps = len(paths) // 2
+    return chain if chain is not None else _chain(jump, total)
+
+
+def _stitch(paths: np.ndarray, jump: np.ndarray, total: int) -> np.ndarray | None:
+    """The chain from the walkers' paths (see _record_starts), or None if they miss it."""
+    n, k = paths.shape
+    # Each path increases: offset walker i by i * (total + 1) to search all at once.
+    # Walker i hands over at its last position not beyond walker i+1's last one.
     offset = np.arange(k, dtype=np.int64) * (total + 1)
     keys = (paths.T + offset[:, None]).ravel()
-    target = paths[-1, :-1] + offset[1:]
+    row = np.arange(k, dtype=np.int64) * n
+    last = np.full(k, n - 1, dtype=np.int64)
+    last[:-1] = np.searchsorted(keys, paths[-1, 1:] + offset[:-1], side="right") - 1 - row[:-1]
+    target = keys[row[:-1] + last[:-1]] + (total + 1)
     hit = np.minimum(np.searchsorted(keys, target), len(keys) - 1)
-    if np.array_equal(keys[hit], target) and paths[-1, -1] == total:
-        after = np.concatenate([[-1], hit - offset[1:] // (total + 1) * (steps + 1)])
-        keep = np.arange(steps + 1)[None, :] > after[:, None]
-        chain = paths.T[keep]
-        chain = chain[: np.searchsorted(chain, total) + 1]
-        if chain[0] == 0 and np.array_equal(jump[chain[:-1]], chain[1:]):
-            return chain
-    return _chain(jump, total)
+    if not np.array_equal(keys[hit], target) or paths[-1, -1] != total:
+        return None
+    first = np.concatenate([[0], hit - row[1:] + 1])
+    at = np.arange(n)[None, :]
+    chain = paths.T[(at >= first[:, None]) & (at <= last[:, None])]
+    chain = chain[: np.searchsorted(chain, total) + 1]
+    if chain[0] != 0 or not np.array_equal(jump[chain[:-1]], chain[1:]):
+        return None
+    return chain
 
 
 def _decode_elias(body: np.ndarray, d: int, levels: int, nnz: int, pad: int) -> np.ndarray:
