@@ -1,0 +1,251 @@
+"""Remote runs end to end on emulated hosts (network namespaces, own sshd, empty tmpfs home,
+system python3, no package index): deploy, run with the master on node 0, fetch, compare
+with ``--backend sim``; a node killed mid-run; Ctrl-C during a run.
+
+One cluster (node 0 + 2 workers) is deployed once for the whole module: the deploy is the
+slow part (the wheelhouse upload), every test after it runs in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import _reap, host_ssh, require_emulated_hosts
+
+from orchestrator import cluster as model
+from orchestrator import deploy, remote
+from orchestrator.config import load_experiment
+from orchestrator.providers import netns
+from orchestrator.results import load_run
+from orchestrator.runner import run_experiment
+from orchestrator.trial import SimPool
+
+pytestmark = [pytest.mark.sshd, pytest.mark.netns]
+
+EXPERIMENT = """
+name = "remote"
+[problem]
+d = 40
+n = 1200
+seed = 3
+[train]
+rounds = {rounds}
+batch_size = 16
+lr = 0.5
+target_rel_error = 0
+[compress]
+scheme = "qsgd"
+levels = 4
+[cluster]
+workers = 3
+on_worker_loss = "{policy}"
+heartbeat_interval = 0.2
+heartbeat_liveness = 3
+connect_timeout = 30
+{sweep}
+"""
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory):
+    """A 3-node emulated cluster with relufit deployed on every node."""
+    require_emulated_hosts()
+    home = tmp_path_factory.mktemp("relufit-home")
+    saved = {k: os.environ.get(k) for k in ("RELUFIT_HOME", "RELUFIT_WHEELHOUSE")}
+    os.environ["RELUFIT_HOME"] = str(home)
+    os.environ.setdefault("RELUFIT_WHEELHOUSE", str(Path.home() / ".cache/relufit-tests/wh"))
+    name = f"r{secrets.token_hex(3)}"
+    state = None
+    try:
+        state = netns.up(name, 2)
+        c = model.load_cluster(name)
+        reports = deploy.deploy(deploy.targets(c))
+        assert [r.version for r in reports] == ["relufit, version 0.1.0"] * 3
+        yield c, state
+    finally:
+        netns.down(name)
+        for h in state.hosts if state else ():
+            _reap(h.pid)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def write_exp(path: Path, rounds: int = 60, policy: str = "continue", sweep: str = "") -> Path:
+    path.write_text(EXPERIMENT.format(rounds=rounds, policy=policy, sweep=sweep))
+    return path
+
+
+def relufit(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True,
+                          text=True, timeout=180, stdin=subprocess.DEVNULL, **kw)
+
+
+def start_relufit(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL)
+
+
+def runs_on(state) -> set[str]:
+    return set(host_ssh(state, 0, "ls relufit-runs 2>/dev/null; true").stdout.split())
+
+
+def remote_rows(state, timeout: float, at_least: int, before: set[str]) -> str:
+    """Wait until a run not in ``before`` has ``at_least`` metrics rows on node 0; its id."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        new = sorted(runs_on(state) - before)
+        if new:
+            rows = host_ssh(state, 0, f"cat relufit-runs/{new[0]}/out/*/metrics.csv "
+                                      "2>/dev/null | wc -l").stdout.strip()
+            if int(rows or 0) > at_least:
+                return new[0]
+        time.sleep(0.2)
+    raise AssertionError(f"the remote run did not reach {at_least} rounds in {timeout} s")
+
+
+def alive_relufit(state, node: int, run_id: str) -> list[str]:
+    """Pidfiles of run ``run_id`` on ``node`` whose process group still has a process."""
+    out = host_ssh(state, node, f"cd relufit-runs/{run_id} 2>/dev/null || exit 0; "
+                   "for f in *.pid; do [ -f $f ] && kill -0 -- -$(cat $f) 2>/dev/null "
+                   "&& echo $f; done; true")
+    return out.stdout.split()
+
+
+def test_run_on_cluster_matches_sim_and_brings_results_home(deployed, tmp_path):
+    c, state = deployed
+    exp_file = write_exp(tmp_path / "exp.toml", sweep='[sweep]\n"cluster.topology" = '
+                                                      '["ps", "allgather"]')
+    out = tmp_path / "results"
+    proc = relufit("run", str(exp_file), "--cluster", c.name, "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    dest = Path(proc.stdout.strip().splitlines()[-1])
+    assert dest.parent == out
+    assert "waiting for 3 agents" in proc.stderr and "(CurveZMQ)" in proc.stderr  # streamed
+    run = load_run(dest)
+    assert [t["status"] for t in run["summary"]["trials"]] == ["completed", "completed"]
+
+    sim = run_experiment(load_experiment(exp_file), SimPool(), tmp_path / "sim", "sim",
+                         progress=lambda line: None)
+    ref = load_run(sim)["metrics"]
+    got = run["metrics"]
+    assert len(got["rel_error"]) == len(ref["rel_error"]) == 120
+    np.testing.assert_allclose(got["rel_error"], ref["rel_error"], rtol=1e-9, atol=0)
+    assert got["bytes_up"].sum() > 0
+
+    # node logs come home, by rank; ranks round-robin over the two worker nodes
+    placement = json.loads((dest / "nodes" / "placement.json").read_text())
+    assert placement["master"].startswith("node0 ")
+    assert [placement[str(r)].split()[0] for r in range(3)] == ["node1", "node2", "node1"]
+    assert "completed" in (dest / "nodes" / "master" / "master.log").read_text()
+    assert all((dest / "nodes" / str(r) / "agent.exit").read_text().strip() == "0"
+               for r in range(3))
+    # nothing left running; the secrets were private on the nodes
+    for node in range(3):
+        assert alive_relufit(state, node, dest.name) == []
+    modes = host_ssh(state, 1, f"stat -c %a relufit-runs/{dest.name}/keys-agent/*").stdout.split()
+    assert modes == ["600", "600"]
+
+    # later: logs and fetch by run id
+    logs = relufit("logs", c.name, dest.name)
+    assert logs.returncode == 0 and "completed" in logs.stdout
+    assert relufit("logs", c.name, dest.name, "--rank", "1").returncode == 0
+    again = relufit("fetch", c.name, dest.name, "--out", str(tmp_path / "again"))
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "again" / dest.name / "metrics.csv").read_text() == \
+        (dest / "metrics.csv").read_text()
+
+
+@pytest.mark.parametrize("policy", ["continue", "abort"])
+def test_node_killed_mid_run_follows_the_loss_policy(deployed, tmp_path, policy):
+    c, state = deployed
+    exp_file = write_exp(tmp_path / "exp.toml", rounds=600, policy=policy)
+    out = tmp_path / "results"
+    before = runs_on(state)
+    proc = start_relufit("run", str(exp_file), "--cluster", c.name, "--out", str(out))
+    try:
+        run_id = remote_rows(state, 60, 30, before)
+        # SIGKILL the agent of rank 1 (on node 2), as a crashed machine would
+        killed = host_ssh(state, 2, f"kill -9 -- -$(cat relufit-runs/{run_id}/agent-1.pid)")
+        assert killed.returncode == 0, killed.stderr
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    [trial] = json.loads((out / run_id / "summary.json").read_text())["trials"]
+    assert trial["lost_workers"] == [1]
+    if policy == "continue":
+        assert proc.returncode == 0, stderr[-2000:]
+        assert trial["status"] == "completed" and trial["rounds"] == 600
+        workers = load_run(out / run_id)["metrics"]["workers"]
+        assert workers[0] == 3 and workers[-1] == 2
+    else:
+        assert trial["status"] == "failed" and "worker 1 lost" in trial["reason"]
+        assert trial["rounds"] < 600
+    assert "lost" in (out / run_id / "events.log").read_text()
+    for node in range(3):
+        assert alive_relufit(state, node, run_id) == []
+
+
+def test_ctrl_c_stops_remote_processes_and_fetches_partial_results(deployed, tmp_path):
+    c, state = deployed
+    exp_file = write_exp(tmp_path / "exp.toml", rounds=100000)
+    out = tmp_path / "results"
+    before = runs_on(state)
+    proc = start_relufit("run", str(exp_file), "--cluster", c.name, "--out", str(out))
+    try:
+        run_id = remote_rows(state, 60, 20, before)
+        assert sorted(alive_relufit(state, 1, run_id)) == ["agent-0.pid", "agent-2.pid"]
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "stopping the remote processes" in stderr
+    for node in range(3):
+        assert alive_relufit(state, node, run_id) == [], f"node {node} still runs relufit"
+    run = load_run(out / run_id)  # partial results came home
+    assert 20 <= len(run["metrics"]["rel_error"]) < 100000
+    [trial] = run["summary"]["trials"]
+    assert trial["status"] == "interrupted"
+    assert (out / run_id / "nodes" / "master" / "master.log").exists()
+
+
+def test_stop_command_ends_a_detached_run(deployed, tmp_path):
+    c, state = deployed
+    before = runs_on(state)
+    rr = remote.RemoteRun(c, f"manual-{secrets.token_hex(3)}", workers=3)
+    exp = load_experiment(write_exp(tmp_path / "exp.toml", rounds=100000))
+    rr.start(exp, lambda line: None)  # started, not followed: as after a lost connection
+    assert remote_rows(state, 60, 5, before) == rr.run_id
+    assert alive_relufit(state, 0, rr.run_id) == ["master.pid"]
+    proc = relufit("stop", c.name, rr.run_id)
+    assert proc.returncode == 0 and proc.stdout.strip() == rr.run_id, proc.stderr
+    for node in range(3):
+        assert alive_relufit(state, node, rr.run_id) == []
+
+
+def test_placement_round_robin():
+    assert remote.placement(5, 3) == {0: 1, 1: 2, 2: 1, 3: 2, 4: 1}
+    assert remote.placement(2, 1) == {0: 0, 1: 0}  # a lone node runs everything
+
+
+def test_spawn_command_backgrounds_only_the_process():
+    cmd = remote.spawn_command("relufit-runs/x", "agent-0", ["agent", "--rank", "0"])
+    assert " && " not in cmd and cmd.endswith("< /dev/null &")
+    assert "agent-0.pid" in cmd and "agent-0.exit" in cmd
