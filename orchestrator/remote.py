@@ -264,6 +264,7 @@ def run_on_cluster(exp: Experiment, cluster: Cluster, out: str | Path = "results
     """Run ``exp`` on ``cluster`` and bring the results home; the local run directory.
     Ctrl-C stops the remote processes, fetches what was written, and re-raises."""
     workers = max(t.spec.workers for t in exp.trials())
+    port = int(cluster.extra.get("master_port", port))  # a hosts file may choose it
     run_id = new_run_id(exp.name)
     while (Path(out) / run_id).exists():
         run_id += "-2"

@@ -3,6 +3,7 @@
 ```toml
 user = "ubuntu"                 # optional: default, your user name here
 key = "~/.ssh/id_ed25519"       # the private key every host accepts (mode 0600)
+master_port = 5555              # optional: the TCP port node 0's master listens on
 [[host]]                        # node 0 (the first) runs the master, the rest the workers
 address = "10.0.0.5"
 port = 22                       # optional
@@ -37,8 +38,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 Progress = Callable[[str], None]
+MASTER_PORT = 5555
 
-TOP_KEYS = ("user", "key", "host")
+TOP_KEYS = ("user", "key", "master_port", "host")
 HOST_KEYS = ("address", "port", "user", "private_address")
 _HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9-]{1,63})*$")
 _USER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")
@@ -119,7 +121,11 @@ def parse_hosts(data: dict[str, Any], name: str) -> Cluster:
             raise ConfigError(f"host[{n.rank}].address", f"{n.address}:{n.port} is listed twice "
                                                          f"(also host[{seen[n.address, n.port]}])")
         seen[n.address, n.port] = n.rank
-    return Cluster(name=model.check_name(name), provider="hosts", nodes=tuple(nodes), key_path=key)
+    port = data.get("master_port", MASTER_PORT)
+    if not isinstance(port, int) or isinstance(port, bool) or not 1024 <= port <= 65535:
+        raise ConfigError("master_port", f"must be a port number 1024-65535, got {port!r}")
+    return Cluster(name=model.check_name(name), provider="hosts", nodes=tuple(nodes), key_path=key,
+                   extra={"master_port": port})
 
 
 def load_hosts_file(path: str | Path, name: str) -> Cluster:
