@@ -171,8 +171,9 @@ def cluster_up(provider: str, spec_file: str | None, dry_run: bool, yes: bool,
     if provider == "hosts":
         _hosts_up(flags, hosts_file, bandwidth or master_bandwidth)
         return
-    if provider == "netns":
-        _netns_up(flags, bandwidth, master_bandwidth)
+    if provider == "netns":  # --spec and --dry-run are EC2's: refused by name
+        _netns_up({**flags, "spec": spec_file, "dry_run": dry_run or None}, bandwidth,
+                  master_bandwidth)
         return
     if bandwidth or master_bandwidth:
         raise ConfigError("--bandwidth", "shapes emulated links: only with --provider netns")

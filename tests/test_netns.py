@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -239,9 +240,8 @@ def _wait_for(cond, timeout: float) -> bool:
 
 def _kill_up_halfway(name: str, env: dict) -> None:
     """Start `relufit cluster up --provider netns`; kill -9 it once its first namespace exists."""
-    # TODO: `relufit cluster up --provider netns` once the cluster command group is in.
-    argv = [sys.executable, "-c", "import sys; from orchestrator.providers import netns; "
-            "netns.up(sys.argv[1], 6, '100mbit')", name]
+    argv = [*RELUFIT, "cluster", "up", "--provider", "netns",
+            "--name", name, "--workers", "6", "--bandwidth", "100mbit"]
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         first = Path("/run/netns") / f"rf-{name}-0"
@@ -258,11 +258,13 @@ def _kill_up_halfway(name: str, env: dict) -> None:
 def test_down_after_kill_9_of_up_leaves_nothing(relufit_home):
     from conftest import require_emulated_hosts
     require_emulated_hosts()
-    name = "tkill"
+    name = f"tk{secrets.token_hex(3)}"
     env = {**os.environ, "RELUFIT_HOME": str(relufit_home)}
     try:
         _kill_up_halfway(name, env)
-        netns.down(name)
+        out = subprocess.run([*RELUFIT, "cluster", "down", name],
+                             env=env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
         assert netns.leftovers(name) == []
         # A re-run of `up` after a kill cleans up too, then builds the cluster.
         _kill_up_halfway(name, env)
