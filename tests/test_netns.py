@@ -293,3 +293,22 @@ def test_sshd_host_fixture(sshd_host):
     assert subprocess.run(sshd_host.ssh("true"), capture_output=True, timeout=20).returncode == 255
     time.sleep(1.0)
     assert sshd_host.pid and Path(f"/proc/{sshd_host.pid}").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--provider", "netns"], "--name: an emulated cluster needs a name"),
+    (["--provider", "netns", "--name", "x", "--bandwidth", "10mb"], "--bandwidth: '10mb'"),
+    (["--provider", "netns", "--name", "x", "--master-bandwidth", "fast"], "--master-bandwidth"),
+    (["--provider", "netns", "--name", "x", "--instance-type", "c5.large"],
+     "--instance-type: only with --provider ec2"),
+    (["--provider", "netns", "--name", "x", "--dry-run"], "--dry-run: only with --provider ec2"),
+    (["--provider", "ec2", "--name", "x", "--bandwidth", "1gbit"], "only with --provider netns"),
+])
+def test_cli_names_the_bad_option_before_anything_starts(args, message, relufit_home):
+    from click.testing import CliRunner
+
+    from orchestrator.cli import cli
+
+    r = CliRunner().invoke(cli, ["cluster", "up", *args])
+    assert r.exit_code == 2 and message in r.output, r.output
+    assert not (relufit_home / "clusters").exists()
