@@ -182,6 +182,18 @@ def _per_bucket(x: np.ndarray, bucket_size: int, fn) -> np.ndarray:
     return out
 
 
+def _sum_squares(x: np.ndarray, bucket_size: int) -> np.ndarray:
+    """Per-bucket sums of squares without a length-d temporary (dot products)."""
+    if bucket_size == 0:
+        return np.array([np.dot(x, x)])
+    full = len(x) // bucket_size * bucket_size
+    rows = x[:full].reshape(-1, bucket_size)
+    out = np.einsum("ij,ij->i", rows, rows)
+    if full < len(x):
+        out = np.append(out, np.dot(x[full:], x[full:]))
+    return out
+
+
 def _scale_per_bucket(x: np.ndarray, scale: np.ndarray, bucket_size: int) -> np.ndarray:
     """``x * scale[bucket of i]`` without materializing a length-d repeat of ``scale``."""
     if bucket_size == 0:
@@ -204,13 +216,15 @@ def _float32_norms_rounded_up(absv: np.ndarray, bucket_size: int) -> np.ndarray:
     Rounding up keeps |v_i| / norm <= 1, so z <= s without clipping and Q stays exactly
     unbiased; the float32 norm is what the payload carries, so decoding reproduces Q.
     """
-    peak = _per_bucket(absv, bucket_size, np.max)
-    if np.all((peak == 0) | ((peak > 2.0**-400) & (peak < 2.0**400))):
-        norms = np.sqrt(_per_bucket(absv * absv, bucket_size, np.sum))
-    else:  # squares would under- or overflow: scale each bucket by its peak first
+    with np.errstate(over="ignore"):  # an overflow lands in the scaled branch below
+        squares = _sum_squares(absv, bucket_size)
+    if np.all((squares > 2.0**-900) & (squares < 2.0**900)):
+        norms = np.sqrt(squares)
+    else:  # squares under- or overflowed (or a bucket is zero): scale by the peak first
+        peak = _per_bucket(absv, bucket_size, np.max)
         safe = np.where(peak > 0, peak, 1.0)
         scaled = _scale_per_bucket(absv, 1.0 / safe, bucket_size)
-        norms = safe * np.sqrt(_per_bucket(scaled * scaled, bucket_size, np.sum))
+        norms = safe * np.sqrt(_sum_squares(scaled, bucket_size))
     with np.errstate(over="ignore"):
         n32 = norms.astype(np.float32)
     low = n32.astype(np.float64) < norms
@@ -241,11 +255,11 @@ def quantize(
     scale = np.divide(s, n64, out=np.zeros_like(n64), where=n64 > 0)
     x = _scale_per_bucket(absv, scale, bs)  # a_i * s, in [0, s]
     z = np.floor(x)
-    z += rng.random(v.size) < (x - z)  # up with probability a*s - l: unbiased
-    dt = _level_dtype(s)
-    signed = z.astype(dt)
-    np.negative(signed, out=signed, where=v < 0)
-    return Quantized(v.size, s, bs, norms, signed)
+    np.subtract(x, z, out=x)  # l = floor(a*s); round up with probability a*s - l
+    up = rng.random(v.size)
+    z += up < x
+    np.copysign(z, v, out=z)
+    return Quantized(v.size, s, bs, norms, z.astype(_level_dtype(s)))
 
 
 def dequantize(q: Quantized) -> np.ndarray:
@@ -649,17 +663,19 @@ def _window16(body: np.ndarray, total: int) -> np.ndarray:
     for r in range(4):
         view = np.frombuffer(buf.data, dtype=">u4", offset=r, count=(len(buf) - r) // 4)
         w32[r::4] = view[: len(w32[r::4])]
-    shifts = np.arange(16, 8, -1, dtype=np.uint32)  # bit r of byte j: shift 16 - r
     out = np.empty((n, 8), dtype=np.uint16)
-    np.right_shift(w32[:, None], shifts[None, :], out=out, casting="unsafe")
+    for r in range(8):  # bit r of byte j: shift by 16 - r, keep the low 16 bits
+        np.right_shift(w32, np.uint32(16 - r), out=out[:, r], casting="unsafe")
     return out.ravel()[:total]
 
 
 def _codeword_lengths(w64: np.ndarray, win: np.ndarray, total: int) -> np.ndarray:
-    """Omega codeword length at every bit position < total (0: none ends in the stream)."""
+    """Omega codeword length at every bit position < total (0: none ends in the stream),
+    followed by 64 zeros."""
     lut_len, _ = _omega_table()
-    length = lut_len[win]
-    slow = np.flatnonzero(length == 0)
+    length = np.zeros(total + 64, dtype=np.uint8)  # zeros past the end: no clipping later
+    np.take(lut_len, win, out=length[:total])
+    slow = np.flatnonzero(length[:total] == 0)
     length[slow] = _omega_at(w64, slow)[0]  # <= 55 bits: fits uint8
     tail = np.arange(max(total - 64, 0), total)  # windows read zeros past the end
     length[tail[tail + length[tail] > total]] = 0
@@ -668,25 +684,26 @@ def _codeword_lengths(w64: np.ndarray, win: np.ndarray, total: int) -> np.ndarra
 
 def _codeword_values(w64: np.ndarray, win: np.ndarray, at: np.ndarray) -> np.ndarray:
     _, lut_val = _omega_table()
-    value = lut_val[win[at]].astype(np.int64)
+    value = np.take(lut_val, np.take(win, at)).astype(np.int64)
     slow = np.flatnonzero(value == 0)
-    value[slow] = _omega_at(w64, at[slow])[1]
+    if len(slow):
+        value[slow] = _omega_at(w64, at[slow])[1]
     return value
 
 
 def _jumps(length: np.ndarray, total: int, idx_t: type) -> np.ndarray:
     """J(p) = p + L(p) + 1 + L(p + L(p) + 1): where a record starting at p ends.
 
+    ``length`` is L with 64 zeros past the end, so the inner index needs no clipping.
+
     Where no record can start (a length is 0) J still moves forward, so walkers pass
     over such positions; the chain found is checked for them afterwards, and for a
     last record cut short by the end (J is capped at total, the one sink).
     """
-    ext = np.zeros(total + 64, dtype=np.uint8)
-    ext[:total] = length
     jump = np.empty(total + 1, dtype=idx_t)
     z_at = np.arange(1, total + 1, dtype=idx_t)
-    z_at += length
-    np.add(z_at, ext[z_at], out=jump[:total])
+    z_at += length[:total]
+    np.add(z_at, np.take(length, z_at), out=jump[:total])
     tail = jump[max(total - 128, 0) : total]  # only the last records can overrun
     np.minimum(tail, total, out=tail)
     jump[total] = total
