@@ -336,6 +336,12 @@ def _figure(ncols: int = 1) -> tuple[Any, list[Any]]:
     return fig, [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
 
 
+def _null_locator() -> Any:
+    from matplotlib.ticker import NullLocator
+
+    return NullLocator()
+
+
 def _save(fig: Any, out: Path, name: str) -> list[str]:
     fig.savefig(out / f"{name}.png", dpi=90)
     fig.savefig(out / f"{name}.svg", metadata={"Date": None})  # reproducible bytes
@@ -371,9 +377,9 @@ def curve_figures(settings: list[Setting], out: Path, target: float) -> list[str
                 ax.fill_between(x, np.exp(err.min(axis=0)), np.exp(err.max(axis=0)),
                                 color=line.get_color(), alpha=0.2, linewidth=0)
         ax.axhline(target, color="grey", linestyle=":", linewidth=1)
+        ax.set_yscale("log")  # x stays linear: a geometric rate is a straight line
         if ax.get_ylim()[1] > DIVERGED_YLIM:
             ax.set_ylim(top=DIVERGED_YLIM)
-        ax.set_yscale("log")  # x stays linear: a geometric rate is a straight line
         ax.set_xlabel(xlabel)
         ax.set_ylabel("rel_error  ||w - w*|| / ||w*||")
         ax.set_title("geometric mean over seeds (n), band: min-max", fontsize=9)
@@ -387,13 +393,19 @@ def samples_figure(rows: list[dict[str, Any]], out: Path) -> list[str]:
     lines: dict[tuple, list[dict]] = {}
     for r in rows:
         lines.setdefault((r["run"], r["compression"], r["d"]), []).append(r)
-    for (run, comp, d), rs in lines.items():
+    styles = [("o", "-"), ("s", "--"), ("^", "-."), ("v", ":"), ("D", "-")]
+    for i, ((run, comp, d), rs) in enumerate(lines.items()):
         label = " ".join(x for x in (run, comp, f"d={d}") if x)
-        trials = min(r["trials"] for r in rs)
-        ax.plot([r["n_ratio"] for r in rs], [r["success_rate"] for r in rs], marker="o",
-                label=f"{label} ({trials}+ seeds)")
+        seeds = sorted({r["trials"] for r in rs})
+        marker, style = styles[i % len(styles)]
+        ax.plot([r["n_ratio"] for r in rs], [r["success_rate"] for r in rs], marker=marker,
+                linestyle=style, markersize=9 - 2 * (i % 3), alpha=0.85,
+                label=f"{label} ({'-'.join(map(str, seeds[::max(1, len(seeds) - 1)]))} seeds)")
     ax.axvline(1.0, color="grey", linestyle=":", linewidth=1)
     ax.set_xscale("log", base=2)
+    ratios_ = sorted({r["n_ratio"] for r in rows})
+    ax.set_xticks(ratios_, [f"{x:g}" for x in ratios_])
+    ax.xaxis.set_minor_locator(_null_locator())
     ax.set_xlabel("n / d  (samples per dimension; n < d is not identifiable)")
     ax.set_ylabel("success rate")
     ax.set_ylim(-0.03, 1.03)
@@ -416,11 +428,13 @@ def scaling_figure(rows: list[dict[str, Any]], axis: str, out: Path, target: flo
     xlabel = "workers" if axis == "workers" else "link bandwidth (Mbit/s)"
     axes[0].set_ylabel("time per round (ms, median over seeds)")
     axes[1].set_ylabel(f"time to rel_error <= {target:g} (s)")
+    xs = sorted({r[axis] for r in rows})
     for ax in axes:
         ax.set_xlabel(xlabel)
         ax.set_yscale("log")
-        if axis == "bandwidth":
-            ax.set_xscale("log")
+        ax.set_xscale("log", base=2 if axis == "workers" else 10)
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])
+        ax.xaxis.set_minor_locator(_null_locator())
         ax.legend(fontsize=7)
     return _save(fig, out, f"time_vs_{axis}")
 
@@ -506,11 +520,19 @@ CONVENTIONS = [
 
 
 def _run_label(runs: list[dict[str, Any]], run: dict[str, Any]) -> str:
+    """"" for one run; else the experiment's name, with the backend if that tells runs apart,
+    else the run id."""
     if len(runs) == 1:
         return ""
-    names = [r["summary"].get("experiment", "") for r in runs]
-    name = run["summary"].get("experiment", "")
-    return name if name and names.count(name) == 1 else str(run["path"].name)
+
+    def names(r: dict[str, Any]) -> list[str]:
+        exp, backend = r["summary"].get("experiment", ""), r["summary"].get("backend", "")
+        return [exp, f"{exp} ({backend})" if exp and backend else ""]
+
+    for i, name in enumerate(names(run)):
+        if name and [names(r)[i] for r in runs].count(name) == 1:
+            return name
+    return str(run["path"].name)
 
 
 def default_out(run_dirs: Sequence[str | Path]) -> Path:
