@@ -183,22 +183,29 @@ def _per_bucket(x: np.ndarray, bucket_size: int, fn) -> np.ndarray:
 
 
 def _sum_squares(x: np.ndarray, bucket_size: int) -> np.ndarray:
-    """Per-bucket sums of squares without a length-d temporary (dot products)."""
+    """Per-bucket sums of squares without a length-d temporary.
+
+    einsum's own loop, not BLAS: a threaded BLAS dot is erratic on a busy machine.
+    """
     if bucket_size == 0:
-        return np.array([np.dot(x, x)])
+        return np.array([np.einsum("i,i", x, x)])
     full = len(x) // bucket_size * bucket_size
     rows = x[:full].reshape(-1, bucket_size)
     out = np.einsum("ij,ij->i", rows, rows)
     if full < len(x):
-        out = np.append(out, np.dot(x[full:], x[full:]))
+        out = np.append(out, np.einsum("i,i", x[full:], x[full:]))
     return out
 
 
-def _scale_per_bucket(x: np.ndarray, scale: np.ndarray, bucket_size: int) -> np.ndarray:
-    """``x * scale[bucket of i]`` without materializing a length-d repeat of ``scale``."""
+def _scale_per_bucket(
+    x: np.ndarray, scale: np.ndarray, bucket_size: int, out: np.ndarray | None = None
+) -> np.ndarray:
+    """``x * scale[bucket of i]`` without materializing a length-d repeat of ``scale``;
+    ``out`` may be ``x`` itself."""
+    if out is None:
+        out = np.empty_like(x)
     if bucket_size == 0:
-        return x * scale[0]
-    out = np.empty_like(x)
+        return np.multiply(x, scale[0], out=out)
     full = len(x) // bucket_size * bucket_size
     np.multiply(
         x[:full].reshape(-1, bucket_size),
@@ -221,6 +228,8 @@ def _float32_norms_rounded_up(absv: np.ndarray, bucket_size: int) -> np.ndarray:
     if np.all((squares > 2.0**-900) & (squares < 2.0**900)):
         norms = np.sqrt(squares)
     else:  # squares under- or overflowed (or a bucket is zero): scale by the peak first
+        if not np.isfinite(absv).all():  # the common case above implies finite values
+            raise ValueError("v contains NaN or inf")
         peak = _per_bucket(absv, bucket_size, np.max)
         safe = np.where(peak > 0, peak, 1.0)
         scaled = _scale_per_bucket(absv, 1.0 / safe, bucket_size)
@@ -246,14 +255,13 @@ def quantize(
     v = np.asarray(v, dtype=np.float64)
     if v.ndim != 1 or not 1 <= v.size <= MAX_D:
         raise ValueError(f"v must be a 1-D vector of 1..{MAX_D} entries, got shape {v.shape}")
-    if not np.isfinite(v).all():
-        raise ValueError("v contains NaN or inf")
     bs = _check_bucket_size(bucket_size, v.size)
+    # a few length-d buffers reused in place: fresh pages cost as much as the arithmetic
     absv = np.abs(v)
-    norms = _float32_norms_rounded_up(absv, bs)
+    norms = _float32_norms_rounded_up(absv, bs)  # raises on NaN/inf
     n64 = norms.astype(np.float64)
     scale = np.divide(s, n64, out=np.zeros_like(n64), where=n64 > 0)
-    x = _scale_per_bucket(absv, scale, bs)  # a_i * s, in [0, s]
+    x = _scale_per_bucket(absv, scale, bs, out=absv)  # a_i * s, in [0, s]
     z = np.floor(x)
     np.subtract(x, z, out=x)  # l = floor(a*s); round up with probability a*s - l
     up = rng.random(v.size)
