@@ -36,7 +36,7 @@ from typing import TypeVar
 
 import paramiko
 
-from orchestrator.cluster import Cluster
+from orchestrator.cluster import Cluster, relufit_home
 from orchestrator.errors import RunError, SSHError
 
 Progress = Callable[[str], None]
@@ -301,8 +301,9 @@ def on_all(targets: Iterable[SSHTarget], fn: Callable[[SSHTarget], T],
 
 # ------------------------------------------------------------------------------ the wheel
 
-def relufit_home() -> Path:
-    return Path(os.environ.get("RELUFIT_HOME") or Path.home() / ".relufit")
+def cache_dir() -> Path:
+    """Built wheels and wheelhouses: $RELUFIT_CACHE, default $RELUFIT_HOME (~/.relufit)."""
+    return Path(os.environ.get("RELUFIT_CACHE") or relufit_home()).expanduser()
 
 
 def source_tree() -> Path:
@@ -339,7 +340,7 @@ def build_wheel(root: Path | None = None) -> Path:
     the checkout gets no build/ or egg-info litter."""
     root = root or source_tree()
     digest = source_hash(root)
-    cache = relufit_home() / "wheels" / digest[:16]
+    cache = cache_dir() / "wheels" / digest[:16]
     found = sorted(cache.glob("relufit-*.whl"))
     if found:
         return found[0]
@@ -431,14 +432,13 @@ def _applicable(requirements: list[str], plat: NodePlatform) -> list[str]:
 
 
 def wheelhouse_dir(plat: NodePlatform) -> Path:
-    base = os.environ.get("RELUFIT_WHEELHOUSE")
-    return Path(base) / plat.tag if base else relufit_home() / "wheelhouse" / plat.tag
+    return cache_dir() / "wheelhouse" / plat.tag
 
 
 def build_wheelhouse(plat: NodePlatform, requirements: list[str],
                      progress: Progress = lambda line: None) -> Path:
     """Wheels of every runtime dependency (and pip) for ``plat``, downloaded once and kept
-    under RELUFIT_HOME/wheelhouse/<tag>/ (or $RELUFIT_WHEELHOUSE/<tag>/)."""
+    under <cache>/wheelhouse/<tag>/ (see ``cache_dir``)."""
     with _wheelhouse_lock:  # nodes of one platform share it: download once
         return _build_wheelhouse(plat, sorted(_applicable(requirements, plat)) + ["pip"], progress)
 
@@ -524,7 +524,11 @@ def install_node(target: SSHTarget, wheel: Path, requirements: list[str],
         s.put(wheel, f"{REMOTE_HOME_DIR}/wheels/{wheel.name}")
         sent += wheel.stat().st_size
         progress(f"[{target.name}] uploaded {sent / 1e6:.1f} MB; installing")
-        s.run(f"sh {REMOTE_BOOTSTRAP} {' '.join(shlex.quote(a) for a in args)}", timeout=900)
+        out = s.run(f"sh {REMOTE_BOOTSTRAP} {' '.join(shlex.quote(a) for a in args)}",
+                    timeout=900)
+        for line in out.splitlines():
+            if line.startswith("bootstrap: "):
+                progress(f"[{target.name}] {line[len('bootstrap: '):]}")
         version = s.run(f"{REMOTE_RELUFIT} --version").strip()
     seconds = time.monotonic() - t0
     progress(f"[{target.name}] ok: {version} ({seconds:.1f} s)")

