@@ -20,7 +20,7 @@ from moto import mock_aws
 from orchestrator import cluster as model
 from orchestrator import pricing
 from orchestrator.cli import cli
-from orchestrator.providers import ec2
+from orchestrator.providers import ec2, netns
 
 REGION = "us-east-1"
 CIDR = "203.0.113.7/32"
@@ -44,6 +44,9 @@ def aws(monkeypatch, relufit_home, pauses):
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     # moto's thousands of default images make every describe_images take ~1 s; none needed
     monkeypatch.setenv("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")
+    # `cluster down` of a name with no local state also looks for an emulated cluster of
+    # that name on this machine: never let these tests find (and remove) another test's.
+    monkeypatch.setattr(netns, "exists", lambda name, state_dir=None: False)
     with mock_aws():
         client = boto3.client("ec2", region_name=REGION)
         builder = client.run_instances(ImageId="ami-12345678", MinCount=1, MaxCount=1,
@@ -248,6 +251,21 @@ def test_rerun_of_a_killed_up_resumes_without_doubling(aws, monkeypatch):
     ids = live(aws, "t6")["instances"]
     assert len(ids) == 3 and first in ids
     assert len(live(aws, "t6")["security groups"]) == 1
+
+
+def test_up_after_a_dead_cluster_starts_afresh(aws, monkeypatch):
+    """Leftovers of an earlier cluster of the same name (old SSH rule) are not reused."""
+    real = interrupt_at(monkeypatch, rank=0)
+    monkeypatch.setattr(ec2, "_undo", lambda *a: None)
+    assert up("again").exit_code == 130
+    (old_group,) = live(aws, "again")["security groups"]
+    monkeypatch.setattr(ec2, "run_args", real)
+    r = relufit("cluster", "up", "--name", "again", "--ssh-cidr", "198.51.100.9/32", "--yes")
+    assert r.exit_code == 0, r.output
+    (group,) = ec2.security_groups(aws, "again")
+    assert group["GroupId"] != old_group
+    assert group["IpPermissions"][0]["IpRanges"][0]["CidrIp"] == "198.51.100.9/32"
+    assert len(live(aws, "again")["key pairs"]) == 1
 
 
 def test_up_refuses_an_existing_cluster(aws):
@@ -484,6 +502,9 @@ def test_gc_removes_only_resources_of_dead_clusters(aws, monkeypatch):
         {"ResourceType": "volume", "Tags": [{"Key": ec2.TAG_CLUSTER, "Value": "ghost"}]}])
     assert vpc
 
+    r = relufit("cluster", "gc", "--yes")
+    assert r.exit_code == 0 and "Nothing to collect" in r.output  # ghost's `up` may be running
+    monkeypatch.setattr(ec2, "GC_GRACE_S", 0.0)
     r = relufit("cluster", "gc", input="n\n")
     assert r.exit_code != 0 and "(cluster ghost)" in r.output and "(cluster alive)" not in r.output
     assert live(aws, "ghost")["security groups"]

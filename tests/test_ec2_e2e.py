@@ -7,6 +7,7 @@ as a user would point relufit at another endpoint: relufit itself knows nothing 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -95,29 +96,32 @@ def test_up_list_status_down_leave_nothing(aws_env):
         return subprocess.run([_relufit_exe(), "cluster", *args], env=aws_env, text=True,
                               capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
 
-    r = relufit("up", "--name", "e2e", "--workers", "2", "--ssh-cidr", "198.51.100.4/32",
+    # A name of our own: `cluster down` of a name with no local state also looks for an
+    # emulated (netns) cluster of that name on this machine, which other tests may run.
+    name = f"ec2e2e-{secrets.token_hex(4)}"
+    r = relufit("up", "--name", name, "--workers", "2", "--ssh-cidr", "198.51.100.4/32",
                 "--yes")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "e2e"
+    assert r.stdout.strip() == name
     assert "Estimated cost" in r.stderr and "status checks: 3/3 passed" in r.stderr
-    home = Path(aws_env["RELUFIT_HOME"]) / "clusters" / "e2e"
+    home = Path(aws_env["RELUFIT_HOME"]) / "clusters" / name
     assert (home / "cluster.json").exists() and (home / "id_ed25519").stat().st_mode & 0o077 == 0
 
     r = relufit("list")
     assert r.returncode == 0, r.stderr
-    (row,) = [ln.split() for ln in r.stdout.splitlines() if ln.startswith("e2e ")]
+    (row,) = [ln.split() for ln in r.stdout.splitlines() if ln.startswith(f"{name} ")]
     assert row[1:3] == [REGION, "3"]
 
-    r = relufit("status", "e2e")
+    r = relufit("status", name)
     assert r.returncode == 0, r.stderr
     roles = [ln.split()[1] for ln in r.stdout.splitlines()[1:]]
     assert roles == ["master", "worker", "worker"]
 
-    r = relufit("down", "e2e")
+    r = relufit("down", name)
     assert r.returncode == 0, r.stderr
-    assert not any(ec2.tagged_resources(client, "e2e").values())
+    assert not any(ec2.tagged_resources(client, name).values())
     assert not any(ec2.tagged_resources(client).values())
     assert not home.exists()
 
-    r = relufit("down", "e2e")
+    r = relufit("down", name)
     assert r.returncode == 0 and "Nothing to do" in r.stderr

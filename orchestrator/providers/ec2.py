@@ -26,6 +26,7 @@ interrupted ``up`` (Ctrl-C included) removes everything tagged with the cluster,
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import math
@@ -42,6 +43,8 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import botocore.loaders
+import botocore.session
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import (
     BotoCoreError,
@@ -103,6 +106,7 @@ WAIT_TERMINATED_S = 600.0
 BACKOFF_BASE_S = 1.0
 BACKOFF_CAP_S = 30.0
 BACKOFF_TRIES = 7
+GC_GRACE_S = 900.0  # gc leaves clusters younger than this alone (their `up` may be running)
 _jitter = random.Random()
 
 
@@ -131,7 +135,7 @@ def cloud_error(e: ClientError, what: str) -> RelufitError:
                           "(`aws sso login`, a new session token, or `aws configure`)")
     if code == "UnauthorizedOperation":
         return CloudError(f"not permitted ({code}) while {what}: give your IAM user or role "
-                          "the EC2 permissions relufit needs (see docs/architecture.md)")
+                          "the EC2 permissions relufit needs (README: EC2 clusters)")
     if code == "OptInRequired":
         return CloudError(f"the region is not enabled for this account ({code}): enable it "
                           "in the AWS console or pass another --region")
@@ -170,11 +174,19 @@ def aws_errors(what: str) -> Iterator[None]:
 # ---------------------------------------------------------------- session and client
 
 
+@functools.cache
+def _shared_loader() -> botocore.loaders.Loader:
+    """botocore's API models are static and take ~0.2 s to parse: parse them once."""
+    return botocore.loaders.create_loader()
+
+
 def resolve_region(region: str | None) -> tuple[boto3.Session, str]:
     """The boto3 session (AWS_PROFILE honoured) and a region that EC2 has."""
     region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     with aws_errors("reading the AWS configuration"):
-        session = boto3.Session(region_name=region or None)
+        core = botocore.session.get_session()
+        core.register_component("data_loader", _shared_loader())
+        session = boto3.Session(botocore_session=core, region_name=region or None)
     region = session.region_name
     if not region:
         raise ConfigError("--region", "no AWS region: pass --region, set AWS_REGION, or set "
@@ -726,9 +738,13 @@ def up(spec: ClusterSpec, *, confirm: Confirm, progress: Progress,
 def _create(ec2: Any, plan: Plan, attempt: str, progress: Progress) -> Cluster:
     name = plan.spec.name
     _record_attempt(name, attempt)
+    resumed = instances(ec2, name)  # only this attempt's: _launch_attempt checked
+    if not resumed:  # a group or key pair of an earlier cluster of this name: start afresh
+        stale = teardown(ec2, name, progress)
+        if any(stale.values()):
+            progress(f"Removed what an earlier cluster {name} left: {_summary(stale)}")
     key_name = _ensure_key_pair(ec2, name, progress)
     group_id = _ensure_security_group(ec2, plan, progress)
-    resumed = instances(ec2, name)  # only this attempt's: _launch_attempt checked
     verb = "Resuming" if resumed else "Launching"
     progress(f"{verb} {plan.spec.workers + 1} instances (launch {attempt})")
     ids = launch_nodes(ec2, plan, attempt, group_id, key_name, progress, resumed)
@@ -873,7 +889,7 @@ def list_clusters(region: str | None, all_regions: bool,
         rc = ec2 if r == region else client(r)[0]
         try:
             with aws_errors(f"listing clusters in {r}"):
-                out += summarize(r, instances(rc, None, ("pending", "running")), now)
+                out += summarize(r, instances(rc), now)
         except CloudError as e:
             if not all_regions:
                 raise
@@ -897,9 +913,15 @@ def status(name: str, region: str | None) -> tuple[Cluster | None, list[dict]]:
                                                                        key=lambda r: r["rank"])
 
 
-def orphans(ec2: Any) -> dict[str, list[tuple[str, str]]]:
-    """Tagged groups, key pairs and unattached volumes of clusters with no live instance."""
+def orphans(ec2: Any, now: datetime) -> dict[str, list[tuple[str, str]]]:
+    """Tagged groups, key pairs and unattached volumes of clusters with no live instance.
+
+    A cluster whose key pair is younger than GC_GRACE_S counts as live: its `up` may be
+    between creating the group and launching the instances.
+    """
     live = {tags_of(i)[TAG_CLUSTER] for i in instances(ec2)}
+    live |= {tags_of(k)[TAG_CLUSTER] for k in key_pairs(ec2)
+             if "CreateTime" in k and (now - k["CreateTime"]).total_seconds() < GC_GRACE_S}
 
     def dead(resources: list[dict], id_key: str) -> list[tuple[str, str]]:
         return [(r[id_key], tags_of(r)[TAG_CLUSTER]) for r in resources
@@ -913,7 +935,7 @@ def gc(region: str | None, *, confirm: Confirm, progress: Progress) -> int:
     """Remove relufit-tagged resources that belong to no live cluster; how many."""
     ec2, region = client(region)
     with aws_errors("looking for leftovers"):
-        found = orphans(ec2)
+        found = orphans(ec2, datetime.now(timezone.utc))
         total = sum(len(v) for v in found.values())
         if not total:
             progress(f"Nothing to collect in {region}.")
@@ -931,3 +953,87 @@ def gc(region: str | None, *, confirm: Confirm, progress: Progress) -> int:
             ec2.delete_volume(VolumeId=volume_id)
     progress(f"Deleted {total} resources in {region}.")
     return total
+
+
+# ---------------------------------------------------------------- worker AMI (deploy area)
+
+
+def _ubuntu_image(ec2: Any, arch: str) -> dict:
+    """The newest Ubuntu LTS image: the base of a relufit AMI (never a relufit AMI itself)."""
+    ubuntu_arch = "arm64" if arch == "arm64" else "amd64"
+    image = _newest(ec2.describe_images(Owners=[UBUNTU_OWNER], Filters=[
+        {"Name": "name", "Values": [n.format(arch=ubuntu_arch) for n in UBUNTU_NAMES]},
+        {"Name": "state", "Values": ["available"]},
+        {"Name": "architecture", "Values": [arch]}])["Images"])
+    if image is None:
+        raise CloudError(f"no Ubuntu LTS {arch} image found in this region: pass --base-ami")
+    return image
+
+
+def build_ami(region: str | None, install: Callable[[Cluster, Progress], None], *,
+              confirm: Confirm, progress: Progress, instance_type: str = "c5.large",
+              base_ami: str | None = None, ssh_cidr: str | None = None,
+              version: str = "") -> str:
+    """Build a relufit worker AMI; its image id.
+
+    Launches one builder instance (a temporary cluster ``ami-<hex>``, with its own key pair
+    and locked-down group, user-data running bootstrap.sh, a 2-hour kill switch), hands it
+    to ``install`` (the SSH half: deploy.prepare_image), images it, waits until the image is
+    available, tags it ``relufit:ami`` and removes the builder and everything it made,
+    whatever happens (Ctrl-C included)."""
+    ec2, region = client(region)
+    builder = f"ami-{uuid.uuid4().hex[:8]}"
+    spec = ClusterSpec(name=builder, workers=0, region=region, instance_type=instance_type,
+                       ssh_cidr=ssh_cidr or caller_cidr(), max_hours=2.0)
+    with aws_errors("checking the builder"):
+        plan = make_plan(ec2, replace(spec, ami=base_ami), region)
+        if base_ami is None:
+            base = _ubuntu_image(ec2, _check_instance_types(ec2, spec, region))
+            plan = replace(plan, image_id=base["ImageId"], image_name=base.get("Name", ""))
+    progress(f"AMI builder: {instance_type} in {region} from {plan.image_id} "
+             f"({plan.image_name})")
+    progress(pricing.describe([instance_type], plan.volume_gb, False))
+    if not confirm(f"Launch one {instance_type} in {region} to build the image?"):
+        raise RelufitError("cancelled: nothing was created")
+    with aws_errors("building the AMI"):
+        try:
+            return _build(ec2, plan, install, progress, version)
+        finally:
+            removed = teardown(ec2, builder, progress)
+            remove_cluster_state(builder)
+            progress(f"Builder removed: {_summary(removed)}.")
+
+
+def _build(ec2: Any, plan: Plan, install: Callable[[Cluster, Progress], None],
+           progress: Progress, version: str) -> str:
+    name = plan.spec.name
+    key_name = _ensure_key_pair(ec2, name, progress)
+    group_id = _ensure_security_group(ec2, plan, progress)
+    ids = launch_nodes(ec2, plan, uuid.uuid4().hex[:12], group_id, key_name, progress)
+    wait_running(ec2, ids, progress)
+    wait_status_ok(ec2, ids, progress)
+    found = [i for r in ec2.describe_instances(InstanceIds=ids)["Reservations"]
+             for i in r["Instances"]]
+    c = to_cluster(name, plan.region, found)
+    save_cluster(c)
+    install(c, progress)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    tags = [{"Key": TAG_AMI, "Value": version or "1"}, {"Key": "Name", "Value": f"relufit-{stamp}"}]
+    image_id = ec2.create_image(
+        InstanceId=ids[0], Name=f"relufit-node-{stamp}",
+        Description=f"relufit worker image {version} from {plan.image_id}",
+        TagSpecifications=[{"ResourceType": "image", "Tags": tags},
+                           {"ResourceType": "snapshot", "Tags": tags}])["ImageId"]
+    progress(f"Creating image {image_id}")
+
+    def available() -> tuple[bool, str]:
+        images = ec2.describe_images(ImageIds=[image_id])["Images"]
+        state = images[0]["State"] if images else "pending"
+        if state == "failed":
+            raise CloudError(f"image {image_id} failed: "
+                             f"{images[0].get('StateReason', {}).get('Message', '?')}")
+        return state == "available", state
+    _wait(f"image {image_id}", available, WAIT_STATUS_S, progress)
+    ec2.create_tags(Resources=[image_id], Tags=tags)  # where TagSpecifications were ignored
+    progress(f"Image {image_id} is ready: `relufit cluster up` now boots from it")
+    return image_id
