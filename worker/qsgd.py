@@ -602,6 +602,7 @@ def _decode_fixed(body: np.ndarray, d: int, levels: int, pad: int) -> np.ndarray
 # exactly nnz records, is a corrupt stream.
 
 _LUT_BITS = 16
+_UNRESOLVED = 255  # in the length table: read this codeword the long way
 _WALK_EVERY = 256  # bits between walkers
 _WALK_MARGIN = 24  # steps a walker takes beyond its stretch, to resynchronize
 _WALK_SLACK = 2.0  # times the mean number of records in a stretch
@@ -652,13 +653,28 @@ def _omega_at(w: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @functools.cache
 def _omega_table() -> tuple[np.ndarray, np.ndarray]:
-    """For each 16-bit pattern: (length, value) of the omega codeword at its start, or
-    length 0 if it does not end within those 16 bits."""
+    """For each 16-bit pattern: (length, value) of the omega codeword at its start.
+
+    Length 0: no valid codeword starts there, whatever follows (a third group of value
+    > 30 that does not end the codeword). Length _UNRESOLVED: the codeword does not end
+    within the 16 bits; value 0 then too.
+    """
     patterns = np.arange(1 << _LUT_BITS, dtype=">u2").view(np.uint8)
     starts = _LUT_BITS * np.arange(1 << _LUT_BITS, dtype=np.int64)
     length, value = _omega_at(_windows64(patterns), starts)
-    length[length > _LUT_BITS] = 0
+    u, one = np.uint64, np.uint64(1)
+    x = np.arange(1 << _LUT_BITS, dtype=np.uint64) << u(64 - _LUT_BITS)
+    n1 = x >> u(62)
+    at2 = n1 + u(3)
+    n2 = (x << u(2)) >> (u(63) - n1)
+    at3 = at2 + n2 + one
+    n3 = (x << at2) >> (u(63) - n2)
+    bit = [((x << at) >> u(63)) == 1 for at in (u(0), u(2), at2, np.minimum(at3, u(63)))]
+    invalid = bit[0] & bit[1] & bit[2] & (at3 < _LUT_BITS) & (n3 > _MAX_GROUP_BITS - 1) & bit[3]
+    unresolved = ((length == 0) | (length > _LUT_BITS)) & ~invalid
+    length[unresolved | invalid] = 0
     value[length == 0] = 0
+    length[unresolved] = _UNRESOLVED
     return length.astype(np.uint8), value.astype(np.uint16)
 
 
@@ -683,7 +699,7 @@ def _codeword_lengths(w64: np.ndarray, win: np.ndarray, total: int) -> np.ndarra
     lut_len, _ = _omega_table()
     length = np.zeros(total + 64, dtype=np.uint8)  # zeros past the end: no clipping later
     np.take(lut_len, win, out=length[:total])
-    slow = np.flatnonzero(length[:total] == 0)
+    slow = np.flatnonzero(length[:total] == _UNRESOLVED)
     length[slow] = _omega_at(w64, slow)[0]  # <= 55 bits: fits uint8
     tail = np.arange(max(total - 64, 0), total)  # windows read zeros past the end
     length[tail[tail + length[tail] > total]] = 0
