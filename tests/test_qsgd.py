@@ -388,3 +388,72 @@ def test_bucket_size_none_and_zero_and_large_are_one_bucket():
     for bucket_size in (None, 0, 10, 11):
         q = qsgd.quantize(v, 4, np.random.default_rng(0), bucket_size)
         assert q.bucket_size == 0 and len(q.norms) == 1
+
+
+# ---------------------------------------------------------------- reference codec
+
+
+def omega_bits(n: int) -> str:
+    """Elias omega, as in the paper: recursive binary groups, then a 0."""
+    code = "0"
+    while n > 1:
+        code = format(n, "b") + code
+        n = n.bit_length() - 1
+    return code
+
+
+def reference_stream(q: qsgd.Quantized, coding: str) -> str:
+    """The payload's bit stream after header and norms, one character per bit."""
+    lv = [int(x) for x in q.signed_levels]
+    if coding == "elias":
+        out, last = [], -1
+        for i, x in enumerate(lv):
+            if x:
+                out += [omega_bits(i - last), "1" if x < 0 else "0", omega_bits(abs(x))]
+                last = i
+        return "".join(out)
+    width = q.levels.bit_length()
+    group = 8 // math.gcd(1 + width, 8)
+    m = q.d // (8 * group) * 8  # byte planes over the first group * m coordinates
+    field = ["1" * (x < 0) + "0" * (x >= 0) + format(abs(x), f"0{width}b") for x in lv]
+    if width + 1 > 8:
+        return "".join(field)
+    groups = ["".join(field[k + i * m] for i in range(group)) for k in range(m)]
+    nbytes = len(groups[0]) // 8 if groups else 0
+    planes = "".join(g[8 * j : 8 * j + 8] for j in range(nbytes) for g in groups)
+    return planes + "".join(field[group * m :])
+
+
+@pytest.mark.parametrize("levels", [1, 2, 3, 5, 16, 100, 1000])
+@pytest.mark.parametrize("d,bucket_size", [(1, None), (9, None), (200, None), (333, 50)])
+def test_payload_bits_match_a_plain_reference(levels, d, bucket_size):
+    rng = np.random.default_rng(d + levels)
+    q = qsgd.quantize(rng.standard_normal(d) ** 3, levels, rng, bucket_size)
+    start = qsgd.HEADER_BYTES + 4 * len(q.norms)
+    for coding in CODINGS:
+        payload = qsgd.encode(q, coding)
+        bits = "".join(format(b, "08b") for b in payload[start:])
+        ref = reference_stream(q, coding)
+        assert bits == ref + "0" * (-len(ref) % 8)
+        assert payload[start - 4 * len(q.norms) : start] == q.norms.astype("<f4").tobytes()
+
+
+def test_codeword_lengths_at_every_bit_match_a_plain_reader():
+    """The decoder's table-driven read of an omega codeword at every bit position."""
+
+    def read(bits: str, p: int) -> int:
+        n, at = 1, p
+        while at < len(bits) and bits[at] == "1":
+            if n > 30 or at + n + 1 > len(bits):
+                return 0
+            n, at = int(bits[at : at + n + 1], 2), at + n + 1
+        return at + 1 - p if at < len(bits) else 0
+
+    rng = np.random.default_rng(0)
+    body = rng.integers(0, 256, 300, dtype=np.uint8)
+    body[100:140] = 0xFF  # long runs of ones: long and invalid codewords
+    bits = "".join(format(b, "08b") for b in body)
+    total = len(bits) - 3
+    w64 = qsgd._windows64(body)
+    length = qsgd._codeword_lengths(w64, qsgd._window16(body, total), total)
+    assert [int(x) for x in length[:total]] == [read(bits[:total], p) for p in range(total)]
