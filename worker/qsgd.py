@@ -24,14 +24,24 @@ Payload layout (all integers little-endian)::
              the whole vector, not restarting per bucket, so the stream needs no
              per-bucket table: the bucket of a coordinate is i // bucket_size. The code
              is the paper's Code_s (same codewords; 32 bits of norm per bucket).
-      fixed: for every coordinate, one sign bit then z in s.bit_length() bits.
+      fixed: per coordinate a field of width w = 1 + s.bit_length() bits: the sign bit,
+             then z. For w <= 8, g = 8 / gcd(w, 8) fields fill nb = g*w/8 whole bytes;
+             with m = 8 * floor(d / (8g)), group k (k < m) holds coordinates k, m + k,
+             ..., (g-1)m + k, and the stream is byte plane 0 (byte 0 of groups 0..m-1),
+             plane 1, ..., plane nb-1, then the remaining d - g*m fields in order. For
+             w > 8 (s >= 128) all fields are in order. Either way ceil(d*w/8) bytes.
 
 ``encoded_bits(q, coding)`` counts the norms and the stream (the paper's measure): the
 payload is ``HEADER_BYTES + ceil(encoded_bits / 8)`` bytes.
 
+Decoding accepts only canonical payloads (encode(decode(p)) == p): anything else raises
+CodecError. Its memory is bounded by the payload (about 12 bytes per stream bit for
+Elias), except the decoded length-d level array: pass ``max_d``.
+
 Every hot path is vectorized: encode and decode loop only over the few Elias recursion
-depths, the log2(nnz) pointer-doubling steps of the decoder, and the <= 8 fields of a
-fixed-width group, never over coordinates, nonzeros or buckets.
+depths and decoder walk steps (see "Elias decoding" below), the pointer-doubling steps
+of its fallback, and the <= 8 fields of a fixed-width group; never over coordinates,
+nonzeros or buckets.
 """
 
 from __future__ import annotations
