@@ -383,6 +383,33 @@ def stop(cluster_name: str, run_id: str | None) -> None:
         click.echo(rid)
 
 
+@cli.group()
+def ami() -> None:
+    """Worker images (AMIs) with relufit installed, so clusters boot ready."""
+
+
+@ami.command("build")
+@region_option
+@click.option("--instance-type", default="c5.large", show_default=True,
+              help="The builder's type (its architecture is the image's).")
+@click.option("--base-ami", default=None, help="Image to start from [default: newest Ubuntu LTS].")
+@click.option("--ssh-cidr", default=None,
+              help="Who may SSH to the builder [default: this machine's public IP /32].")
+@yes_option
+def ami_build(region: str | None, instance_type: str, base_ami: str | None,
+              ssh_cidr: str | None, yes: bool) -> None:
+    """Launch a builder, install relufit over SSH, image it (tag relufit:ami), remove it."""
+    from orchestrator import __version__, deploy
+    from orchestrator.cluster import check_ssh_cidr
+    from orchestrator.providers import ec2
+
+    image = ec2.build_ami(region, deploy.prepare_image, confirm=_confirm(yes),
+                          progress=echo_progress, instance_type=instance_type,
+                          base_ami=base_ami, version=__version__,
+                          ssh_cidr=check_ssh_cidr(ssh_cidr) if ssh_cidr else None)
+    click.echo(image)
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="relufit")

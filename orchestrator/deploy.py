@@ -555,3 +555,16 @@ def _locked(progress: Progress, lock: threading.Lock) -> Progress:
         with lock:
             progress(line)
     return say
+
+
+def prepare_image(cluster: Cluster, progress: Progress = lambda line: None) -> None:
+    """The SSH half of `relufit ami build`: relufit and its dependencies on the builder, then
+    remove what must not be baked into an image (the builder's login key, shell history)."""
+    deploy(targets(cluster), progress=progress)
+
+    def clean(t: SSHTarget) -> None:
+        with Session(t) as s:
+            s.run("rm -f ~/.ssh/authorized_keys ~/.bash_history; "
+                  "sudo -n cloud-init clean --logs >/dev/null 2>&1 || true")
+
+    on_all(targets(cluster), clean, progress)

@@ -1022,8 +1022,7 @@ def _build(ec2: Any, plan: Plan, install: Callable[[Cluster, Progress], None],
     image_id = ec2.create_image(
         InstanceId=ids[0], Name=f"relufit-node-{stamp}",
         Description=f"relufit worker image {version} from {plan.image_id}",
-        TagSpecifications=[{"ResourceType": "image", "Tags": tags},
-                           {"ResourceType": "snapshot", "Tags": tags}])["ImageId"]
+        TagSpecifications=[{"ResourceType": "image", "Tags": tags}])["ImageId"]
     progress(f"Creating image {image_id}")
 
     def available() -> tuple[bool, str]:
@@ -1034,6 +1033,9 @@ def _build(ec2: Any, plan: Plan, install: Callable[[Cluster, Progress], None],
                              f"{images[0].get('StateReason', {}).get('Message', '?')}")
         return state == "available", state
     _wait(f"image {image_id}", available, WAIT_STATUS_S, progress)
-    ec2.create_tags(Resources=[image_id], Tags=tags)  # where TagSpecifications were ignored
+    [image] = ec2.describe_images(ImageIds=[image_id])["Images"]
+    snapshots = [m["Ebs"]["SnapshotId"] for m in image.get("BlockDeviceMappings", [])
+                 if m.get("Ebs", {}).get("SnapshotId")]
+    ec2.create_tags(Resources=[image_id, *snapshots], Tags=tags)  # the snapshots too
     progress(f"Image {image_id} is ready: `relufit cluster up` now boots from it")
     return image_id
