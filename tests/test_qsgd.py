@@ -457,3 +457,13 @@ def test_codeword_lengths_at_every_bit_match_a_plain_reader():
     w64 = qsgd._windows64(body)
     length = qsgd._codeword_lengths(w64, qsgd._window16(body, total), total)
     assert [int(x) for x in length[:total]] == [read(bits[:total], p) for p in range(total)]
+
+
+def test_quantized_from_strided_arrays_encodes_and_leaves_them_writable():
+    levels = np.zeros(20, np.int8)
+    levels[::3] = [1, -2, 3, 0, -1, 2, 1]
+    norms = np.array([1.5, 2.5], np.float32)
+    q = qsgd.Quantized(10, 3, 5, norms, levels[::2])
+    roundtrip(q)
+    levels[1] = 2  # still the caller's to write
+    assert levels.flags.writeable and not q.signed_levels.flags.writeable

@@ -128,8 +128,11 @@ class Quantized:
             raise ValueError(f"signed_levels exceed levels={self.levels}")
         if not (np.isfinite(self.norms).all() and (self.norms >= 0).all()):
             raise ValueError("norms must be finite and non-negative")
-        self.norms.setflags(write=False)
-        lv.setflags(write=False)
+        # read-only contiguous views: the caller's arrays keep their own flags
+        for name in ("norms", "signed_levels"):
+            view = np.ascontiguousarray(getattr(self, name)).view()
+            view.setflags(write=False)
+            object.__setattr__(self, name, view)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Quantized):
