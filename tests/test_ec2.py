@@ -11,7 +11,6 @@ import json
 import os
 import stat
 
-import boto3
 import pytest
 from botocore.exceptions import ClientError
 from click.testing import CliRunner
@@ -48,7 +47,7 @@ def aws(monkeypatch, relufit_home, pauses):
     # that name on this machine: never let these tests find (and remove) another test's.
     monkeypatch.setattr(netns, "exists", lambda name, state_dir=None: False)
     with mock_aws():
-        client = boto3.client("ec2", region_name=REGION)
+        client, _ = ec2.client(REGION)  # shares relufit's parsed API models: faster
         builder = client.run_instances(ImageId="ami-12345678", MinCount=1, MaxCount=1,
                                        InstanceType="t3.micro")["Instances"][0]["InstanceId"]
         client.create_image(InstanceId=builder, Name="relufit-node-1", TagSpecifications=[

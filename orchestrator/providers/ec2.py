@@ -180,21 +180,32 @@ def _shared_loader() -> botocore.loaders.Loader:
     return botocore.loaders.create_loader()
 
 
+def _botocore_session() -> botocore.session.Session:
+    """A fresh session (it reads AWS_PROFILE and the environment) on the shared loader."""
+    core = botocore.session.get_session()
+    core.register_component("data_loader", _shared_loader())
+    return core
+
+
+@functools.cache
+def _known_regions() -> frozenset[str]:
+    """Every EC2 region in botocore's (static) endpoint data, all partitions."""
+    session = boto3.Session(botocore_session=_botocore_session())
+    return frozenset(r for p in session.get_available_partitions()
+                     for r in session.get_available_regions("ec2", partition_name=p))
+
+
 def resolve_region(region: str | None) -> tuple[boto3.Session, str]:
     """The boto3 session (AWS_PROFILE honoured) and a region that EC2 has."""
     region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     with aws_errors("reading the AWS configuration"):
-        core = botocore.session.get_session()
-        core.register_component("data_loader", _shared_loader())
-        session = boto3.Session(botocore_session=core, region_name=region or None)
+        session = boto3.Session(botocore_session=_botocore_session(),
+                                region_name=region or None)
     region = session.region_name
     if not region:
         raise ConfigError("--region", "no AWS region: pass --region, set AWS_REGION, or set "
                                       "a region in your AWS profile")
-    known: set[str] = set()
-    for partition in session.get_available_partitions():
-        known.update(session.get_available_regions("ec2", partition_name=partition))
-    if region not in known:
+    if region not in _known_regions():
         raise ConfigError("--region", f"{region!r} is not an EC2 region (e.g. us-east-1, "
                                       "eu-west-1)")
     return session, region
