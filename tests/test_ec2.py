@@ -273,6 +273,13 @@ def test_up_refuses_an_existing_cluster(aws):
     assert r.exit_code == 1
     assert "already exists" in one_line(r.output) and "cluster down t7" in r.output
     assert len(live(aws, "t7")["instances"]) == 3
+    node = model.Node(rank=0, role="master", address="10.0.0.1", private_address="10.0.0.1",
+                      user="me")
+    model.save_cluster(model.Cluster(name="lab", provider="hosts", nodes=(node,),
+                                     key_path="/k"))
+    r = up("lab")
+    assert r.exit_code == 1 and "already exists here (hosts)" in one_line(r.output)
+    assert model.load_cluster("lab").provider == "hosts" and nothing_left(aws, "lab")
 
 
 # ---------------------------------------------------------------- dry run and confirmation

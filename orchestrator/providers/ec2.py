@@ -227,7 +227,7 @@ def client(region: str | None) -> tuple[Any, str]:
 def caller_cidr(timeout: float = 3.0) -> str:
     """This machine's public IP as a /32 (or /128), as EC2 will see it."""
     try:
-        with urllib.request.urlopen(CHECKIP_URL, timeout=timeout) as r:  # noqa: S310
+        with urllib.request.urlopen(CHECKIP_URL, timeout=timeout) as r:
             ip = ipaddress.ip_address(r.read(64).decode().strip())
     except (OSError, ValueError):
         raise ConfigError("--ssh-cidr", f"cannot find this machine's public IP ({CHECKIP_URL} "
@@ -723,6 +723,10 @@ def up(spec: ClusterSpec, *, confirm: Confirm, progress: Progress,
     Any failure or Ctrl-C after creation began removes everything tagged with the cluster,
     says so, and re-raises. Returns None for a dry run.
     """
+    local = read_cluster(spec.name)
+    if local is not None and local.provider != "ec2":
+        raise RelufitError(f"cluster {spec.name!r} already exists here ({local.provider}): "
+                           f"pick another --name, or `relufit cluster down {spec.name}` first")
     ec2, region = client(spec.region)
     with aws_errors(f"checking for cluster {spec.name}"):
         existing = instances(ec2, spec.name)
