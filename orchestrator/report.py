@@ -572,7 +572,7 @@ def make_report(
     rep["figures"], rep["notes"] = _figures(rep, stats, settings, out, target)
     rep["notes"] += CONVENTIONS
     rep["trials"] = [_trial_json(t) for t in stats]
-    (out / "report.json").write_text(json.dumps(rep, indent=1) + "\n")
+    (out / "report.json").write_text(json.dumps(_finite(rep), indent=1) + "\n")
     (out / "summary.md").write_text(summary_markdown(rep))
     return out
 
@@ -613,6 +613,17 @@ def _figures(
     if any(t.status not in ("completed", "failed") for t in stats):
         notes.append("interrupted or incomplete trials are drawn but left out of success rates")
     return files, notes
+
+
+def _finite(v: Any) -> Any:
+    """NaN and infinities as null: report.json stays strict JSON."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
 
 
 def _trial_json(t: TrialStats) -> dict[str, Any]:

@@ -220,3 +220,13 @@ def test_cli_report_prints_the_summary_path(qsgd_run, tmp_path):
     assert res.output.strip() == str(tmp_path / "o" / "summary.md")
     res = CliRunner().invoke(cli, ["report"])
     assert res.exit_code == 2  # usage: at least one run directory
+
+
+def test_diverged_and_one_round_trials_give_strict_json(tmp_path):
+    path = run(tmp_path, "edge", {"train": [{"lr": 50.0}, {"rounds": 1}]})
+    rep = json.loads((make_report([path], tmp_path / "r") / "report.json").read_text(),
+                     parse_constant=lambda c: pytest.fail(f"{c} in report.json"))
+    diverged, single = rep["trials"]
+    assert diverged["status"] == "failed" and not diverged["succeeded"]
+    assert single["rounds"] == 1 and single["time_per_round"] is None
+    assert "rel_error_vs_round.png" in rep["figures"]
