@@ -455,7 +455,7 @@ def test_codeword_lengths_at_every_bit_match_a_plain_reader():
     bits = "".join(format(b, "08b") for b in body)
     total = len(bits) - 3
     w64 = qsgd._windows64(body)
-    length = qsgd._codeword_lengths(w64, qsgd._window16(body, total), total)
+    length, _ = qsgd._codeword_lengths(w64, qsgd._window16(body, total), total)
     assert [int(x) for x in length[:total]] == [read(bits[:total], p) for p in range(total)]
 
 

@@ -706,25 +706,27 @@ def _window16(body: np.ndarray, total: int) -> np.ndarray:
     return out.ravel()[:total]
 
 
-def _codeword_lengths(w64: np.ndarray, win: np.ndarray, total: int) -> np.ndarray:
+def _codeword_lengths(w64: np.ndarray, win: np.ndarray, total: int):
     """Omega codeword length at every bit position < total (0: none ends in the stream),
-    followed by 64 zeros."""
+    followed by 64 zeros; and the positions read the long way, with their values."""
     lut_len, _ = _omega_table()
     length = np.zeros(total + 64, dtype=np.uint8)  # zeros past the end: no clipping later
     np.take(lut_len, win, out=length[:total])
     slow = np.flatnonzero(length[:total] == _UNRESOLVED)
-    length[slow] = _omega_at(w64, slow)[0]  # <= 55 bits: fits uint8
+    slow_len, slow_val = _omega_at(w64, slow)
+    length[slow] = slow_len  # <= 55 bits: fits uint8
     tail = np.arange(max(total - 64, 0), total)  # windows read zeros past the end
     length[tail[tail + length[tail] > total]] = 0
-    return length
+    return length, (slow, slow_val)
 
 
-def _codeword_values(w64: np.ndarray, win: np.ndarray, at: np.ndarray) -> np.ndarray:
+def _codeword_values(win: np.ndarray, at: np.ndarray, slow) -> np.ndarray:
+    """Values of the (valid) codewords at ``at``: from the table, or from the long reads."""
     _, lut_val = _omega_table()
     value = np.take(lut_val, np.take(win, at)).astype(np.int64)
-    slow = np.flatnonzero(value == 0)
-    if len(slow):
-        value[slow] = _omega_at(w64, at[slow])[1]
+    miss = np.flatnonzero(value == 0)  # exactly the positions read the long way
+    if len(miss):
+        value[miss] = slow[1][np.searchsorted(slow[0], at[miss])]
     return value
 
 
@@ -818,7 +820,7 @@ def _decode_elias(body: np.ndarray, d: int, levels: int, nnz: int, pad: int) -> 
     idx_t = np.int32 if total + 64 < 2**31 else np.int64
     w64 = _windows64(body)
     win = _window16(body, total)
-    length = _codeword_lengths(w64, win, total)
+    length, slow = _codeword_lengths(w64, win, total)
     chain = _record_starts(_jumps(length, total, idx_t), total, nnz)
     starts = chain[:-1].astype(np.int64)
     sign_at = starts + length[starts]
@@ -831,9 +833,9 @@ def _decode_elias(body: np.ndarray, d: int, levels: int, nnz: int, pad: int) -> 
         or not length[z_at].all()
     ):
         raise CodecError("elias stream is corrupt or does not hold nnz records")
-    gaps = _codeword_values(w64, win, starts)
+    gaps = _codeword_values(win, starts, slow)
     neg = (w64[sign_at >> 3] << (sign_at & 7).astype(np.uint64)) >> np.uint64(63)
-    z = _codeword_values(w64, win, z_at)
+    z = _codeword_values(win, z_at, slow)
     where = np.cumsum(gaps) - 1
     if where[-1] >= d:
         raise CodecError(f"a nonzero lies past d={d}")
