@@ -365,7 +365,8 @@ def _nonzero_indices(lv: np.ndarray) -> np.ndarray:
     if len(words) * 8 > full:  # dense: the direct scan is cheaper
         return np.flatnonzero(lv != 0)
     inside = np.flatnonzero(as_words[words].view(lv.dtype) != 0)
-    idx = words[inside // per_word] * per_word + inside % per_word
+    shift = per_word.bit_length() - 1  # per_word is a power of two
+    idx = (words[inside >> shift] << shift) | (inside & (per_word - 1))
     return np.concatenate([idx, full + np.flatnonzero(lv[full:])])
 
 
