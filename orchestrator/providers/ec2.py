@@ -792,7 +792,8 @@ def _undo(ec2: Any, name: str, cause: BaseException, progress: Progress) -> None
 
 
 def _summary(removed: dict[str, list[str]]) -> str:
-    return ", ".join(f"{len(v)} {k}" for k, v in removed.items() if v)
+    """E.g. '2 instances, 1 security groups' (root volumes go with their instances)."""
+    return ", ".join(f"{len(v)} {k}" for k, v in removed.items() if v and k != "volumes")
 
 
 def delete_security_group(ec2: Any, group_id: str) -> None:
@@ -830,8 +831,8 @@ def teardown(ec2: Any, name: str, progress: Progress) -> dict[str, list[str]]:
         delete_security_group(ec2, group_id)
     for key_name in found["key pairs"]:
         ec2.delete_key_pair(KeyName=key_name)
-    for volume_id in volumes(ec2, name, "available"):  # root volumes go with the instances
-        ec2.delete_volume(VolumeId=volume_id["VolumeId"])
+    for volume in volumes(ec2, name, "available"):  # root volumes went with the instances
+        ec2.delete_volume(VolumeId=volume["VolumeId"])
     return found
 
 
@@ -840,16 +841,13 @@ def down(name: str, region: str | None, progress: Progress) -> bool:
     local = read_cluster(name)
     ec2, region = client(region or (local.region if local else None))
     with aws_errors(f"removing cluster {name}"):
-        before = tagged_resources(ec2, name)
-        if any(before.values()):
-            teardown(ec2, name, progress)
+        removed = teardown(ec2, name, progress)
     removed_local = remove_cluster_state(name)
-    if not any(before.values()):
+    if not any(removed.values()):
         progress(f"Nothing to do: no resources of cluster {name} in {region}"
                  + (" (removed its local state)" if removed_local else ""))
         return removed_local
-    summary = _summary({k: v for k, v in before.items() if k != "volumes"})
-    progress(f"Cluster {name} removed from {region}: {summary}")
+    progress(f"Cluster {name} removed from {region}: {_summary(removed)}")
     return True
 
 
