@@ -481,7 +481,8 @@ def summary_markdown(rep: dict[str, Any]) -> str:
     if rep["samples"]:
         lines += ["## Samples: success rate against n/d", "",
                   "A trial succeeds when its rel_error reaches the threshold (the trial's "
-                  "target_rel_error) within its round budget and it did not diverge. With n < d "
+                  "target_rel_error, or --target when that is 0) within its round budget and it "
+                  "did not diverge. With n < d "
                   "the problem is not identifiable (infinitely many w fit the data).", ""]
         lines += _table(
             ["run", "compression", "d", "n/d", "n", "successes", "rate", "threshold",
