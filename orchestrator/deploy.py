@@ -50,6 +50,7 @@ REMOTE_BOOTSTRAP = f"{REMOTE_HOME_DIR}/bootstrap.sh"
 MAX_PARALLEL = 16  # SSH sessions at once; enough for any cluster we launch, polite to sshd
 CONNECT_TIMEOUT_S = 120.0  # overall, while sshd comes up (EC2 boots take a minute)
 ATTEMPT_TIMEOUT_S = 10.0
+KEEPALIVE_S = 15  # while following a run: a dead connection is noticed, not waited on forever
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,11 @@ class Session:
         return out
 
     def run_rc(self, command: str, timeout: float | None = None) -> tuple[int, str]:
-        chan = self.client.get_transport().open_session()
+        """Exit code and output of ``command``; SSHError if the connection is lost."""
+        try:
+            chan = self.client.get_transport().open_session()
+        except (OSError, EOFError, paramiko.SSHException) as e:
+            raise SSHError(self.target.name, f"connection lost: {e}") from None
         try:
             chan.set_combine_stderr(True)  # one stream: no deadlock on a full stderr window
             if timeout is not None:
@@ -201,21 +206,31 @@ class Session:
                 raise SSHError(self.target.name, f"timed out after {timeout} s: "
                                                  f"{command.split()[0]}") from None
             return chan.recv_exit_status(), b"".join(chunks).decode(errors="replace")
+        except (OSError, EOFError, paramiko.SSHException) as e:
+            raise SSHError(self.target.name, f"connection lost: {e}") from None
         finally:
             chan.close()
 
     def stream(self, command: str, on_line: Callable[[str], None]) -> int:
-        """Run ``command``, handing each output line to ``on_line`` as it comes; exit code."""
-        chan = self.client.get_transport().open_session()
+        """Run ``command``, handing each output line to ``on_line`` as it comes; exit code.
+        A lost connection raises SSHError (keepalives find a silent one)."""
+        transport = self.client.get_transport()
+        transport.set_keepalive(KEEPALIVE_S)
+        try:
+            chan = transport.open_session()
+        except (OSError, EOFError, paramiko.SSHException) as e:
+            raise SSHError(self.target.name, f"connection lost: {e}") from None
         try:
             chan.set_combine_stderr(True)
-            chan.settimeout(0.5)  # wake up regularly, so Ctrl-C is seen while output is quiet
+            chan.settimeout(0.5)  # wake up regularly: Ctrl-C is seen while output is quiet
             chan.exec_command(command)
             buf = b""
             while True:
                 try:
                     data = chan.recv(65536)
                 except TimeoutError:
+                    if not transport.is_active():
+                        raise SSHError(self.target.name, "connection lost") from None
                     continue
                 if not data:
                     break
@@ -223,9 +238,13 @@ class Session:
                 *lines, buf = buf.split(b"\n")
                 for line in lines:
                     on_line(line.decode(errors="replace"))
+            if not chan.exit_status_ready() and not transport.is_active():
+                raise SSHError(self.target.name, "connection lost")
             if buf:
                 on_line(buf.decode(errors="replace"))
             return chan.recv_exit_status()
+        except (OSError, EOFError, paramiko.SSHException) as e:
+            raise SSHError(self.target.name, f"connection lost: {e}") from None
         finally:
             chan.close()
 

@@ -43,6 +43,10 @@ from orchestrator.results import new_run_id
 
 Progress = Callable[[str], None]
 
+class Unreachable(RunError):
+    """Node 0 cannot be reached any more; the run may go on there without us."""
+
+
 RUNS_DIR = "relufit-runs"
 MASTER_PORT = 5555  # inside the range EC2 opens within the cluster's security group
 THREADS = "OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1"
@@ -141,6 +145,11 @@ class RemoteRun:
         uses = self.agent_nodes()
         self._check_installed(progress)
 
+        with Session(self.master) as s:  # exclusive: two runs never share a directory
+            rc, out = s.run_rc(f"mkdir -p {RUNS_DIR} && mkdir -m 700 {shlex.quote(self.rdir)}")
+            if rc != 0:
+                raise SSHError(self.master.name, f"cannot create {self.rdir}: {out.strip()}")
+
         def ship(t: SSHTarget) -> None:
             i = self.targets.index(t)
             with Session(t) as s:
@@ -191,13 +200,33 @@ class RemoteRun:
 
     def follow(self, on_line: Callable[[str], None]) -> int:
         """Hand each line of the master's log to ``on_line`` until the master ends; its exit
-        code (or -1 if unknown)."""
-        d = shlex.quote(self.rdir)
-        with Session(self.master) as s:
-            s.stream(f"cd {d} && tail -n +1 -F master.log --pid=$(cat master.pid) 2>/dev/null",
-                     on_line)
-            code = s.run(f"cat {d}/master.exit 2>/dev/null", check=False).strip()
-        return int(code) if code.lstrip("-").isdigit() else -1
+        code (-1 if unknown). A lost connection is re-made and the log picked up where it
+        was; a node 0 unreachable for the whole connect timeout raises ``Unreachable``."""
+        d, seen = shlex.quote(self.rdir), 0
+
+        def count(line: str) -> None:
+            nonlocal seen
+            seen += 1
+            on_line(line)
+
+        while True:
+            try:
+                session = Session(self.master)
+            except SSHError as e:
+                raise Unreachable(
+                    f"{e}; the run may still go on there: `relufit logs {self.cluster.name} "
+                    f"{self.run_id}`, `relufit fetch ...` or `relufit stop ...` later") from None
+            with session as s:
+                try:
+                    s.stream(f"cd {d} && tail -n +{seen + 1} -F master.log "
+                             f"--pid=$(cat master.pid) 2>/dev/null", count)
+                    code = s.run(f"cd {d} && cat master.exit 2>/dev/null || "
+                                 "{ kill -0 $(cat master.pid) 2>/dev/null && echo running; }",
+                                 check=False).strip()
+                    if code != "running":  # else only the tail ended: follow on
+                        return int(code) if code.lstrip("-").isdigit() else -1
+                except SSHError as e:
+                    on_line(f"{e}; reconnecting")
 
     # -------------------------------------------------------------- stop
 
@@ -274,14 +303,13 @@ def run_on_cluster(exp: Experiment, cluster: Cluster, out: str | Path = "results
     try:
         rr.start(exp, progress)
         code = rr.follow(progress)
-    except KeyboardInterrupt:
-        progress("interrupted: stopping the remote processes, then fetching what was written")
-        rr.stop(progress)
-        _fetch_quietly(rr, out, progress)
-        raise
-    except BaseException:
-        rr.stop(progress)
-        _fetch_quietly(rr, out, progress)
+    except Unreachable:
+        raise  # nothing to stop or fetch from here
+    except BaseException as e:
+        if isinstance(e, KeyboardInterrupt):
+            progress("interrupted: stopping the remote processes, then fetching what was "
+                     "written")
+        _stop_and_fetch(rr, out, progress)
         raise
     rr.stop()  # agents normally exit on STOP; make sure nothing lingers
     dest = rr.fetch(out, progress)
@@ -291,11 +319,14 @@ def run_on_cluster(exp: Experiment, cluster: Cluster, out: str | Path = "results
     return dest
 
 
-def _fetch_quietly(rr: RemoteRun, out: str | Path, progress: Progress) -> None:
-    try:
-        rr.fetch(out, progress)
-    except (SSHError, RunError) as e:
-        progress(f"  {e}")
+def _stop_and_fetch(rr: RemoteRun, out: str | Path, progress: Progress) -> None:
+    """After a failure or Ctrl-C: stop, then fetch what there is, saying what could not be
+    done rather than hiding the original error."""
+    for step in (lambda: rr.stop(progress), lambda: rr.fetch(out, progress)):
+        try:
+            step()
+        except (SSHError, RunError) as e:
+            progress(f"  {e}")
 
 
 # ---------------------------------------------------------------- later: fetch, logs, stop

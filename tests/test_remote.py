@@ -226,6 +226,32 @@ def test_ctrl_c_stops_remote_processes_and_fetches_partial_results(deployed, tmp
     assert (out / run_id / "nodes" / "master" / "master.log").exists()
 
 
+def test_a_dropped_ssh_connection_is_remade_and_the_run_followed_to_its_end(deployed,
+                                                                            tmp_path):
+    c, state = deployed
+    exp_file = write_exp(tmp_path / "exp.toml", rounds=500)
+    out = tmp_path / "results"
+    before = runs_on(state)
+    proc = start_relufit("run", str(exp_file), "--cluster", c.name, "--out", str(out))
+    try:
+        run_id = remote_rows(state, 60, 20, before)
+        # the emulated hosts share this PID space: kill the sshd serving the log's tail
+        tail = subprocess.run(["pgrep", "-f", f"relufit-runs/{run_id} && tail"],
+                              capture_output=True, text=True).stdout.split()
+        assert len(tail) == 1
+        session = int(Path(f"/proc/{tail[0]}/stat").read_text().split(") ")[1].split()[1])
+        os.kill(session, signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "reconnecting" in stderr
+    [trial] = load_run(out / run_id)["summary"]["trials"]
+    assert trial["status"] == "completed" and trial["rounds"] == 500
+
+
 def test_stop_command_ends_a_detached_run(deployed, tmp_path):
     c, state = deployed
     before = runs_on(state)
