@@ -274,7 +274,8 @@ def quantize(
     norms = _float32_norms_rounded_up(absv, bs)  # raises on NaN/inf
     n64 = norms.astype(np.float64)
     scale = np.divide(s, n64, out=np.zeros_like(n64), where=n64 > 0)
-    x = _scale_per_bucket(absv, scale, bs, out=absv)  # a_i * s, in [0, s]
+    x = _scale_per_bucket(absv, scale, bs, out=absv)  # a_i * s
+    np.minimum(x, s, out=x)  # <= s already, unless float64 rounding says s + 1 ulp
     z = np.floor(x)
     np.subtract(x, z, out=x)  # l = floor(a*s); round up with probability a*s - l
     up = rng.random(v.size)
