@@ -163,18 +163,18 @@ def sshd_host(tmp_path):
 @pytest.fixture
 def netns_cluster(relufit_home):
     require_emulated_hosts()
-    made: list[str] = []
+    made: list[tuple[str, Path]] = []
 
     def make(workers: int = 2, bandwidth: str | None = None,
              master_bandwidth: str | None = None) -> netns.NetnsCluster:
         name = f"t{secrets.token_hex(3)}"
-        made.append(name)
+        made.append((name, netns.cluster_dir(name)))  # teardown must not depend on the env
         return netns.up(name, workers, bandwidth, master_bandwidth)
 
     yield make
-    for name in made:
-        state = netns.load_state(name)
-        netns.down(name)
+    for name, state_dir in made:
+        state = netns.load_state(name, state_dir)
+        netns.down(name, state_dir=state_dir)
         for h in state.hosts if state else ():
             _reap(h.pid)
 

@@ -157,6 +157,17 @@ def test_up_refuses_a_cluster_that_is_up(netns_cluster):
         netns.up(c.name, 1)
 
 
+def test_same_name_from_another_relufit_home_is_refused(netns_cluster, tmp_path, monkeypatch,
+                                                        host_ssh):
+    c = netns_cluster(workers=1)
+    monkeypatch.setenv("RELUFIT_HOME", str(tmp_path / "another-home"))
+    with pytest.raises(RunError, match="were not made from"):
+        netns.up(c.name, 1)
+    with pytest.raises(RunError, match="with that RELUFIT_HOME"):
+        netns.down(c.name)
+    assert host_ssh(c, 1, "true").returncode == 0  # the first cluster is untouched
+
+
 def test_master_and_worker_links_are_shaped_separately(netns_cluster):
     c = netns_cluster(workers=1, bandwidth="20mbit", master_bandwidth="40mbit")
     for h, rate in ((c.hosts[0], "40Mbit"), (c.hosts[1], "20Mbit")):

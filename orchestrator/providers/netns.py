@@ -51,6 +51,7 @@ SSHD = "/usr/sbin/sshd"
 SUBNET_BASE = ipaddress.ip_network("10.213.0.0/16")  # one /24 per cluster inside it
 STATE_FILE = "netns.json"
 LOCK_FILE = "/run/relufit-netns.lock"
+OWNERS_DIR = Path("/run/relufit-netns")  # <cluster name> -> the state dir that made it
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
 _SSHD_WAIT_S = 15.0
 MAX_WORKERS = 250  # node r is .(r+2) of a /24
@@ -495,6 +496,7 @@ def up(name: str, workers: int, bandwidth: str | None = None,
         raise RunError(f"netns: cluster {name!r} is already up; "
                        f"`relufit cluster down {name}` first")
     if found:
+        _check_owner(name, state_dir, old)
         progress(f"Cleaning up an earlier, interrupted `up` of {name}")
         down(name, progress=progress, state_dir=state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -502,6 +504,8 @@ def up(name: str, workers: int, bandwidth: str | None = None,
     with _subnet_lock():  # two `up`s at once must not pick the same free subnet
         c = _plan(names, workers, bw, mbw, state_dir)
         _write_state(c)  # before anything exists, so `down` knows every name
+        _owner_file(name).parent.mkdir(parents=True, exist_ok=True)
+        _owner_file(name).write_text(str(state_dir))
         try:
             _make_bridge(c)  # its address marks the subnet as used
         except BaseException:
@@ -513,6 +517,26 @@ def up(name: str, workers: int, bandwidth: str | None = None,
         progress(f"Cleaning up the emulated hosts of {name} after a failure")
         down(name, progress=progress, state_dir=state_dir)
         raise
+
+
+def _owner_file(name: str) -> Path:
+    """Names are machine-wide but state is per RELUFIT_HOME: this file says whose they are."""
+    return OWNERS_DIR / name
+
+
+def _check_owner(name: str, state_dir: Path, old: NetnsCluster | None) -> None:
+    """Refuse to clean up namespaces and links of ``name`` that another RELUFIT_HOME made.
+
+    Ours are always recorded: ``up`` writes its state before it creates anything.
+    """
+    owner = _owner_file(name)
+    other = owner.read_text().strip() if owner.exists() else None
+    if old is not None and other in (None, str(state_dir)):
+        return
+    where = f" (state in {other})" if other and other != str(state_dir) else ""
+    raise RunError(f"netns: namespaces and links named for {name!r} exist on this machine but "
+                   f"were not made from {state_dir}{where}; choose another --name, or remove "
+                   f"them with `relufit cluster down {name}` under the RELUFIT_HOME that made them")
 
 
 def _check_no_collision(names: Names, state_dir: Path) -> None:
@@ -616,6 +640,11 @@ def down(name: str, *, progress: Progress = lambda _: None, state_dir: Path | No
     check_requirements()
     state_dir = Path(state_dir or cluster_dir(name))
     state = load_state(name, state_dir)
+    owner = _owner_file(name)
+    other = owner.read_text().strip() if owner.exists() else str(state_dir)
+    if other != str(state_dir) and (Path(other) / STATE_FILE).exists():
+        raise RunError(f"netns: cluster {name!r} on this machine was made from {other}, not "
+                       f"{state_dir}: run `relufit cluster down {name}` with that RELUFIT_HOME")
     namespaces = {ns for ns in _namespaces() if names.is_namespace(ns)}
     pids = set()
     if state is not None:
@@ -637,4 +666,7 @@ def down(name: str, *, progress: Progress = lambda _: None, state_dir: Path | No
     if remaining:
         raise RunError(f"netns: could not remove {', '.join(remaining)}")
     _forget(state, state_dir)
+    owner = _owner_file(name)
+    if owner.exists() and owner.read_text().strip() == str(state_dir):
+        owner.unlink()
     progress(f"Cluster {name}: nothing left")
