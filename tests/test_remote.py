@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +117,20 @@ def remote_rows(state, timeout: float, at_least: int, before: set[str]) -> str:
     raise AssertionError(f"the remote run did not reach {at_least} rounds in {timeout} s")
 
 
+@contextmanager
+def cluster_run(c, state, exp_file: Path, out: Path, rows: int):
+    """``relufit run --cluster`` in a subprocess; yields (process, run id) once the run has
+    ``rows`` rounds on node 0. The process is gone when the block ends."""
+    before = runs_on(state)
+    proc = start_relufit("run", str(exp_file), "--cluster", c.name, "--out", str(out))
+    try:
+        yield proc, remote_rows(state, 60, rows, before)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def alive_relufit(state, node: int, run_id: str) -> list[str]:
     """Pidfiles of run ``run_id`` on ``node`` whose process group still has a process."""
     out = host_ssh(state, node, f"cd relufit-runs/{run_id} 2>/dev/null || exit 0; "
@@ -173,18 +188,11 @@ def test_node_killed_mid_run_follows_the_loss_policy(deployed, tmp_path, policy)
     c, state = deployed
     exp_file = write_exp(tmp_path / "exp.toml", rounds=600, policy=policy)
     out = tmp_path / "results"
-    before = runs_on(state)
-    proc = start_relufit("run", str(exp_file), "--cluster", c.name, "--out", str(out))
-    try:
-        run_id = remote_rows(state, 60, 30, before)
+    with cluster_run(c, state, exp_file, out, 30) as (proc, run_id):
         # SIGKILL the agent of rank 1 (on node 2), as a crashed machine would
         killed = host_ssh(state, 2, f"kill -9 -- -$(cat relufit-runs/{run_id}/agent-1.pid)")
         assert killed.returncode == 0, killed.stderr
         stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     [trial] = json.loads((out / run_id / "summary.json").read_text())["trials"]
     assert trial["lost_workers"] == [1]
     if policy == "continue":
@@ -204,17 +212,10 @@ def test_ctrl_c_stops_remote_processes_and_fetches_partial_results(deployed, tmp
     c, state = deployed
     exp_file = write_exp(tmp_path / "exp.toml", rounds=100000)
     out = tmp_path / "results"
-    before = runs_on(state)
-    proc = start_relufit("run", str(exp_file), "--cluster", c.name, "--out", str(out))
-    try:
-        run_id = remote_rows(state, 60, 20, before)
+    with cluster_run(c, state, exp_file, out, 20) as (proc, run_id):
         assert sorted(alive_relufit(state, 1, run_id)) == ["agent-0.pid", "agent-2.pid"]
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=90)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 130, stderr[-2000:]
     assert "stopping the remote processes" in stderr
     for node in range(3):
@@ -231,10 +232,7 @@ def test_a_dropped_ssh_connection_is_remade_and_the_run_followed_to_its_end(depl
     c, state = deployed
     exp_file = write_exp(tmp_path / "exp.toml", rounds=500)
     out = tmp_path / "results"
-    before = runs_on(state)
-    proc = start_relufit("run", str(exp_file), "--cluster", c.name, "--out", str(out))
-    try:
-        run_id = remote_rows(state, 60, 20, before)
+    with cluster_run(c, state, exp_file, out, 20) as (proc, run_id):
         # the emulated hosts share this PID space: kill the sshd serving the log's tail
         tail = subprocess.run(["pgrep", "-f", f"relufit-runs/{run_id} && tail"],
                               capture_output=True, text=True).stdout.split()
@@ -242,10 +240,6 @@ def test_a_dropped_ssh_connection_is_remade_and_the_run_followed_to_its_end(depl
         session = int(Path(f"/proc/{tail[0]}/stat").read_text().split(") ")[1].split()[1])
         os.kill(session, signal.SIGKILL)
         _, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, stderr[-2000:]
     assert "reconnecting" in stderr
     [trial] = load_run(out / run_id)["summary"]["trials"]
