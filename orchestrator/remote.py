@@ -97,9 +97,9 @@ for f in "$@"; do
 done
 end=$(( $(date +%s) + wait_s ))
 for p in $pids; do
-  while kill -0 "$p" 2>/dev/null && [ "$(date +%s)" -lt "$end" ]; do sleep 0.2; done
+  while kill -s 0 -- "-$p" 2>/dev/null && [ "$(date +%s)" -lt "$end" ]; do sleep 0.2; done
 done
-for p in $pids; do kill -0 "$p" 2>/dev/null && echo "alive $p"; done
+for p in $pids; do kill -s 0 -- "-$p" 2>/dev/null && echo "alive $p"; done
 true
 """
 
@@ -372,17 +372,30 @@ def logs(cluster: Cluster, run_id: str | None, rank: int | None) -> str:
 
 
 def stop(cluster: Cluster, run_id: str | None = None, progress: Progress = print) -> list[str]:
-    """Stop one run (or every run) on the cluster; the run ids stopped."""
-    ids = [run_id] if run_id else _runs_anywhere(cluster)
+    """Stop one run (or every run still running) on the cluster; the run ids stopped."""
+    ids = [run_id] if run_id else running(cluster)
     for rid in ids:
         RemoteRun(cluster, rid).stop(progress)
     return ids
 
 
-def _runs_anywhere(cluster: Cluster) -> list[str]:
-    def runs(t: SSHTarget) -> list[str]:
-        with Session(t, timeout=30) as s:
-            return list(s.listdir_sizes(RUNS_DIR))
+# The runs in ~/relufit-runs with a live process behind one of their pidfiles.
+_RUNNING_SCRIPT = r"""
+cd relufit-runs 2>/dev/null || exit 0
+for d in */; do
+  for f in "$d"*.pid; do
+    [ -f "$f" ] && kill -s 0 -- "-$(cat "$f")" 2>/dev/null && { echo "${d%/}"; break; }
+  done
+done
+true
+"""
 
-    return sorted({r for found in deploy.on_all(deploy.targets(cluster), runs) for r in found})
+
+def running(cluster: Cluster) -> list[str]:
+    """Run ids with relufit processes still alive on any node of the cluster."""
+    def live(t: SSHTarget) -> list[str]:
+        with Session(t, timeout=30) as s:
+            return s.run(f"sh -c {shlex.quote(_RUNNING_SCRIPT)}").split()
+
+    return sorted({r for found in deploy.on_all(deploy.targets(cluster), live) for r in found})
 

@@ -131,6 +131,18 @@ def cluster_run(c, state, exp_file: Path, out: Path, rows: int):
             proc.wait()
 
 
+def processes_with(text: str) -> list[int]:
+    """PIDs whose command line contains ``text`` (no procps needed)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text.encode() in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return [p for p in found if p != os.getpid()]
+
+
 def alive_relufit(state, node: int, run_id: str) -> list[str]:
     """Pidfiles of run ``run_id`` on ``node`` whose process group still has a process."""
     out = host_ssh(state, node, f"cd relufit-runs/{run_id} 2>/dev/null || exit 0; "
@@ -234,10 +246,8 @@ def test_a_dropped_ssh_connection_is_remade_and_the_run_followed_to_its_end(depl
     out = tmp_path / "results"
     with cluster_run(c, state, exp_file, out, 20) as (proc, run_id):
         # the emulated hosts share this PID space: kill the sshd serving the log's tail
-        tail = subprocess.run(["pgrep", "-f", f"relufit-runs/{run_id} && tail"],
-                              capture_output=True, text=True).stdout.split()
-        assert len(tail) == 1
-        session = int(Path(f"/proc/{tail[0]}/stat").read_text().split(") ")[1].split()[1])
+        [tail] = processes_with(f"relufit-runs/{run_id} && tail")
+        session = int(Path(f"/proc/{tail}/stat").read_text().split(") ")[1].split()[1])
         os.kill(session, signal.SIGKILL)
         _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-2000:]
@@ -254,8 +264,10 @@ def test_stop_command_ends_a_detached_run(deployed, tmp_path):
     rr.start(exp, lambda line: None)  # started, not followed: as after a lost connection
     assert remote_rows(state, 60, 5, before) == rr.run_id
     assert alive_relufit(state, 0, rr.run_id) == ["master.pid"]
+    assert remote.running(c) == [rr.run_id]  # what `relufit stop NAME` would stop
     proc = relufit("stop", c.name, rr.run_id)
     assert proc.returncode == 0 and proc.stdout.strip() == rr.run_id, proc.stderr
+    assert remote.running(c) == []
     for node in range(3):
         assert alive_relufit(state, node, rr.run_id) == []
 
