@@ -121,6 +121,7 @@ class RemoteRun:
         self.rdir = run_dir(run_id)
         self.targets = deploy.targets(cluster)
         self.ranks = placement(workers, len(cluster.nodes))
+        self.created = False
 
     @property
     def master(self) -> SSHTarget:
@@ -149,6 +150,7 @@ class RemoteRun:
             rc, out = s.run_rc(f"mkdir -p {RUNS_DIR} && mkdir -m 700 {shlex.quote(self.rdir)}")
             if rc != 0:
                 raise SSHError(self.master.name, f"cannot create {self.rdir}: {out.strip()}")
+        self.created = True  # from here on, a failure has something to stop and fetch
 
         def ship(t: SSHTarget) -> None:
             i = self.targets.index(t)
@@ -306,6 +308,8 @@ def run_on_cluster(exp: Experiment, cluster: Cluster, out: str | Path = "results
     except Unreachable:
         raise  # nothing to stop or fetch from here
     except BaseException as e:
+        if not rr.created:
+            raise  # failed before anything was made on the nodes
         if isinstance(e, KeyboardInterrupt):
             progress("interrupted: stopping the remote processes, then fetching what was "
                      "written")

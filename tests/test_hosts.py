@@ -170,3 +170,26 @@ def test_one_host_deploy_and_run(sshd_host, relufit_home, tmp_path, monkeypatch)
                          "1": f"node0 127.0.0.1:{sshd_host.port}"}
     assert f"tcp://0.0.0.0:{port}" in (dest / "nodes" / "master" / "master.log").read_text()
     shutil.rmtree(dest)
+
+
+@pytest.mark.sshd
+def test_run_before_deploy_names_the_fix(sshd_host, relufit_home, tmp_path):
+    f = hosts_file(tmp_path / "hosts.toml", sshd_host)
+    run = CliRunner().invoke
+    assert run(cli, ["cluster", "up", "--provider", "hosts", "--hosts-file", str(f),
+                     "--name", "fresh"]).exit_code == 0
+    exp = tmp_path / "exp.toml"
+    exp.write_text("[cluster]\nworkers = 1\n")
+    res = run(cli, ["run", str(exp), "--cluster", "fresh", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 1
+    assert "relufit is not installed; run `relufit deploy fresh` first" in res.output
+    assert "wrote no run directory" not in res.output  # nothing started: nothing to fetch
+    res = run(cli, ["run", str(exp), "--cluster", "fresh", "--backend", "local"])
+    assert res.exit_code == 2 and "not with --cluster" in res.output
+
+
+def test_unknown_cluster_is_a_clear_error(relufit_home):
+    for args in (["deploy", "nope"], ["logs", "nope"], ["stop", "nope"],
+                 ["fetch", "nope", "20260101-000000-x"]):
+        res = CliRunner().invoke(cli, args)
+        assert res.exit_code == 1 and "no cluster 'nope'" in res.output, args
