@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -170,6 +171,18 @@ def test_one_host_deploy_and_run(sshd_host, relufit_home, tmp_path, monkeypatch)
                          "1": f"node0 127.0.0.1:{sshd_host.port}"}
     assert f"tcp://0.0.0.0:{port}" in (dest / "nodes" / "master" / "master.log").read_text()
     shutil.rmtree(dest)
+
+    # bootstrap on a python3 without ensurepip (Debian without python3-venv) and no way to
+    # install it: a venv without pip, then pip from the shipped pip wheel
+    script = ('mkdir -p fake/bin fake/py/ensurepip && printf "exit 1\\n" > fake/bin/apt-get && '
+              'chmod +x fake/bin/apt-get && echo "raise ImportError" > fake/py/ensurepip/'
+              '__init__.py && PATH=$HOME/fake/bin:$PATH PYTHONPATH=$HOME/fake/py '
+              'RELUFIT_VENV=$HOME/v2 sh .relufit/bootstrap.sh install --wheelhouse '
+              '.relufit/wheelhouse --wheel .relufit/wheels/*.whl && v2/bin/relufit --version')
+    out = subprocess.run(sshd_host.ssh(script), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "could not install python3-venv" in out.stdout
+    assert out.stdout.strip().endswith(f"relufit, version {__version__}")
 
 
 @pytest.mark.sshd
