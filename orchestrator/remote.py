@@ -79,8 +79,11 @@ def spawn_command(rdir: str, name: str, args: list[str]) -> str:
              f"{' '.join(shlex.quote(a) for a in args)}; echo $? > {name}.exit")
     # `a && b &` would background a subshell that holds the SSH channel open until the
     # process ends: only the setsid command itself goes to the background.
-    return (f"cd {shlex.quote(rdir)} || exit 1; rm -f {name}.exit; "
-            f"setsid nohup sh -c {shlex.quote(inner)} > {name}.log 2>&1 < /dev/null &")
+    # Then wait (at most 10 s) for the pidfile, so whoever follows or stops it finds it.
+    return (f"cd {shlex.quote(rdir)} || exit 1; rm -f {name}.exit {name}.pid; "
+            f"setsid nohup sh -c {shlex.quote(inner)} > {name}.log 2>&1 < /dev/null & "
+            f"i=0; while [ ! -s {name}.pid ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; "
+            f"test -s {name}.pid")
 
 
 # Signal every process group named by a pidfile (only if it is still one of ours), wait up

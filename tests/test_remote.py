@@ -279,5 +279,6 @@ def test_placement_round_robin():
 
 def test_spawn_command_backgrounds_only_the_process():
     cmd = remote.spawn_command("relufit-runs/x", "agent-0", ["agent", "--rank", "0"])
-    assert " && " not in cmd and cmd.endswith("< /dev/null &")
+    assert " && " not in cmd.split("sh -c")[0]  # `a && b &` would background a subshell
+    assert "< /dev/null & " in cmd and cmd.endswith("test -s agent-0.pid")
     assert "agent-0.pid" in cmd and "agent-0.exit" in cmd
