@@ -58,6 +58,17 @@ _LAUNCH = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL)
            "os.execv(sys.argv[1], sys.argv[1:])")
 
 
+def _curve_keys() -> dict[str, bytes]:
+    """A fresh CurveZMQ server and client key pair for one run, as file contents; the
+    secrets only ever exist in a private temporary directory here and 0600 files there."""
+    from orchestrator.master import create_curve_keys
+
+    with tempfile.TemporaryDirectory(prefix="relufit-curve-") as tmp:
+        keys = create_curve_keys(Path(tmp) / "keys")
+        return {n: (keys / n).read_bytes() for n in
+                ("server.key", "server.key_secret", "client.key", "client.key_secret")}
+
+
 def placement(workers: int, nodes: int) -> dict[int, int]:
     """rank -> node index: round-robin over nodes 1..N-1, or node 0 when it is alone."""
     hosts = list(range(1, nodes)) or [0]
@@ -140,43 +151,42 @@ class RemoteRun:
     # -------------------------------------------------------------- start
 
     def start(self, exp: Experiment, progress: Progress) -> None:
-        with tempfile.TemporaryDirectory(prefix="relufit-curve-") as tmp:
-            from orchestrator.master import create_curve_keys
-
-            keys = create_curve_keys(Path(tmp) / "keys")
-            files = {n: (keys / n).read_bytes() for n in
-                     ("server.key", "server.key_secret", "client.key", "client.key_secret")}
-        uses = self.agent_nodes()
+        """Check the nodes, make the run directory, ship files, start master and agents."""
         self._check_installed(progress)
-
         with Session(self.master) as s:  # exclusive: two runs never share a directory
             rc, out = s.run_rc(f"mkdir -p {RUNS_DIR} && mkdir -m 700 {shlex.quote(self.rdir)}")
             if rc != 0:
                 raise SSHError(self.master.name, f"cannot create {self.rdir}: {out.strip()}")
         self.created = True  # from here on, a failure has something to stop and fetch
+        self._ship(exp.to_toml(), _curve_keys(), progress)
+        with Session(self.master) as s:
+            s.run(spawn_command(self.rdir, "master", [
+                "run", "experiment.toml", "--backend", "listen", "--out", "out",
+                "--bind", f"tcp://0.0.0.0:{self.port}", "--curve-dir", "keys-master"]))
+        progress(f"master started on {self.master.name} (port {self.port})")
+        self._spawn_agents(exp.cluster.connect_timeout, progress)
+
+    def _ship(self, experiment: str, keys: dict[str, bytes], progress: Progress) -> None:
+        """The experiment to node 0; to each node the CurveZMQ keys its processes need."""
+        uses = self.agent_nodes()
+        wanted = {"keys-master": ("server.key_secret", "client.key"),
+                  "keys-agent": ("server.key", "client.key_secret")}
 
         def ship(t: SSHTarget) -> None:
             i = self.targets.index(t)
             with Session(t) as s:
                 s.mkdir(self.rdir)
                 if i == 0:
-                    s.mkdir(f"{self.rdir}/keys-master")
-                    s.put_bytes(files["server.key_secret"],
-                                f"{self.rdir}/keys-master/server.key_secret")
-                    s.put_bytes(files["client.key"], f"{self.rdir}/keys-master/client.key")
-                    s.put_bytes(exp.to_toml().encode(), f"{self.rdir}/experiment.toml", 0o644)
-                if i in uses:
-                    s.mkdir(f"{self.rdir}/keys-agent")
-                    s.put_bytes(files["server.key"], f"{self.rdir}/keys-agent/server.key")
-                    s.put_bytes(files["client.key_secret"],
-                                f"{self.rdir}/keys-agent/client.key_secret")
+                    s.put_bytes(experiment.encode(), f"{self.rdir}/experiment.toml", 0o644)
+                for sub in ("keys-master",) * (i == 0) + ("keys-agent",) * (i in uses):
+                    s.mkdir(f"{self.rdir}/{sub}")
+                    for name in wanted[sub]:
+                        s.put_bytes(keys[name], f"{self.rdir}/{sub}/{name}", 0o600)
 
         deploy.on_all([self.targets[i] for i in sorted({0, *uses})], ship, progress)
-        with Session(self.master) as s:
-            s.run(spawn_command(self.rdir, "master", [
-                "run", "experiment.toml", "--backend", "listen", "--out", "out",
-                "--bind", f"tcp://0.0.0.0:{self.port}", "--curve-dir", "keys-master"]))
-        progress(f"master started on {self.master.name} (port {self.port})")
+
+    def _spawn_agents(self, timeout: float, progress: Progress) -> None:
+        uses = self.agent_nodes()
         endpoint = f"tcp://{self.cluster.master.private_address}:{self.port}"
 
         def launch(t: SSHTarget) -> None:
@@ -184,8 +194,7 @@ class RemoteRun:
                 for rank in uses[self.targets.index(t)]:
                     s.run(spawn_command(self.rdir, f"agent-{rank}", [
                         "agent", "--master", endpoint, "--rank", str(rank),
-                        "--timeout", f"{exp.cluster.connect_timeout:g}",
-                        "--curve-dir", "keys-agent"]))
+                        "--timeout", f"{timeout:g}", "--curve-dir", "keys-agent"]))
 
         deploy.on_all([self.targets[i] for i in sorted(uses)], launch, progress)
         progress(f"{len(self.ranks)} agent(s) started on {len(uses)} node(s), "
