@@ -15,6 +15,7 @@ Every failure is an ``SSHError`` printed as ``[host] message``.
 
 from __future__ import annotations
 
+import base64
 import email.parser
 import hashlib
 import json
@@ -116,12 +117,18 @@ def load_key(target: SSHTarget) -> paramiko.PKey:
         raise SSHError(target.name, f"cannot read key {path}: {e}") from None
 
 
+def fingerprint(key: paramiko.PKey) -> str:
+    """As OpenSSH shows it: ``ssh-ed25519 SHA256:...``."""
+    digest = base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
+    return f"{key.get_name()} SHA256:{digest}"
+
+
 def _fatal(target: SSHTarget, e: Exception) -> SSHError | None:
     """The SSHError for a failure that retrying cannot fix; None when it is transient."""
     if isinstance(e, paramiko.BadHostKeyException):
-        return SSHError(target.name, f"host key changed (now {e.key.get_name()} "
-                        f"{e.key.get_fingerprint().hex()}), refusing to connect; if the host was "
-                        f"really rebuilt, delete its line from {target.known_hosts}")
+        return SSHError(target.name, f"host key changed (now {fingerprint(e.key)}), refusing "
+                        "to connect; if the host was really rebuilt, delete its line from "
+                        f"{target.known_hosts}")
     if isinstance(e, paramiko.AuthenticationException):
         return SSHError(target.name, f"authentication failed for user {target.user!r} with key "
                         f"{target.key_path} (is its public key in authorized_keys?)")

@@ -4,6 +4,7 @@ connect retries, host key pinning, fatal errors, and installing relufit on a fre
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 import zipfile
 from pathlib import Path
@@ -44,6 +45,9 @@ def test_changed_host_key_is_refused(sshd_host):
     assert time.monotonic() - t0 < 10  # fatal: no retry loop
     assert str(e.value).startswith(f"[127.0.0.1:{sshd_host.port}] ")
     assert Path(sshd_host.known_hosts).read_text() == before  # never auto-accepted
+    shown = subprocess.run(["ssh-keygen", "-lf", "-"], input=sshd_host.host_key,
+                           capture_output=True, text=True).stdout.split()[1]
+    assert shown in str(e.value)  # the new key's fingerprint, as OpenSSH shows it
 
 
 def test_wrong_key_fails_fast_with_a_clear_error(sshd_host):
