@@ -385,7 +385,8 @@ def build_wheel(root: Path | None = None) -> Path:
         if proc.returncode != 0 or not wheels:
             raise RunError(f"building the relufit wheel failed: {proc.stderr.strip()[-500:]}")
         cache.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(wheels[0], cache / wheels[0].name)
+        shutil.copy2(wheels[0], cache / f".{wheels[0].name}.tmp")
+        os.replace(cache / f".{wheels[0].name}.tmp", cache / wheels[0].name)  # never half a wheel
     return cache / wheels[0].name
 
 
@@ -423,11 +424,6 @@ class NodePlatform:
         if self.machine in ("x86_64", "i686"):
             legacy += ["manylinux2010", "manylinux1"]
         return tags + [f"{name}_{self.machine}" for name in legacy]
-
-
-PROBE = ("import json, platform, sys; print(json.dumps({'python': '%d.%d' % sys.version_info[:2], "
-         "'full_version': platform.python_version(), 'machine': platform.machine(), "
-         "'glibc': platform.libc_ver()[1] if platform.libc_ver()[0] == 'glibc' else ''}))")
 
 
 def probe_platform(session: Session) -> NodePlatform:
