@@ -242,18 +242,22 @@ def test_ctrl_c_stops_remote_processes_and_fetches_partial_results(deployed, tmp
 def test_a_dropped_ssh_connection_is_remade_and_the_run_followed_to_its_end(deployed,
                                                                             tmp_path):
     c, state = deployed
-    exp_file = write_exp(tmp_path / "exp.toml", rounds=500)
+    exp_file = write_exp(tmp_path / "exp.toml", rounds=1000)
     out = tmp_path / "results"
     with cluster_run(c, state, exp_file, out, 20) as (proc, run_id):
         # the emulated hosts share this PID space: kill the sshd serving the log's tail
-        [tail] = processes_with(f"relufit-runs/{run_id} && tail")
+        deadline = time.monotonic() + 30  # the log's follower may start after round 20
+        while not (tails := processes_with(f"relufit-runs/{run_id} && tail")):
+            assert time.monotonic() < deadline, "no tail of the master's log"
+            time.sleep(0.1)
+        [tail] = tails
         session = int(Path(f"/proc/{tail}/stat").read_text().split(") ")[1].split()[1])
         os.kill(session, signal.SIGKILL)
         _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-2000:]
     assert "reconnecting" in stderr
     [trial] = load_run(out / run_id)["summary"]["trials"]
-    assert trial["status"] == "completed" and trial["rounds"] == 500
+    assert trial["status"] == "completed" and trial["rounds"] == 1000
 
 
 def test_stop_command_ends_a_detached_run(deployed, tmp_path):
