@@ -97,23 +97,38 @@ def spawn_command(rdir: str, name: str, args: list[str]) -> str:
             f"test -s {name}.pid")
 
 
-# Signal every process group named by a pidfile (only if it is still one of ours), wait up
-# to $2 seconds for them to end. $1: the signal; the rest: pidfiles.
-_SIGNAL_SCRIPT = r"""
+# `ours G`: true while process group G has a live (not zombie) relufit process. kill -0
+# would also count zombies that init has not reaped yet, and a dead group leader hides a
+# live member; reading /proc needs no procps on the node.
+OURS_FN = r"""
+ours() {
+  g=$1
+  for d in /proc/[0-9]*; do
+    read -r st 2>/dev/null < "$d/stat" || continue
+    set -- ${st##*) }
+    [ "$3" = "$g" ] && [ "$1" != Z ] && grep -q relufit "$d/cmdline" 2>/dev/null && return 0
+  done
+  return 1
+}
+"""
+
+# Signal every process group named by a pidfile (while it is ours), wait up to $2 seconds
+# for them to end, print the ones still alive. $1: the signal; the rest: pidfiles.
+_SIGNAL_SCRIPT = OURS_FN + r"""
 sig=$1; wait_s=$2; shift 2
 pids=""
 for f in "$@"; do
   [ -f "$f" ] || continue
   p=$(cat "$f" 2>/dev/null) || continue
   case "$p" in ''|*[!0-9]*) continue ;; esac
-  grep -q "$(basename "$f" .pid).pid" /proc/$p/cmdline 2>/dev/null || continue
+  ours "$p" || continue
   kill -s "$sig" -- "-$p" 2>/dev/null && pids="$pids $p"
 done
 end=$(( $(date +%s) + wait_s ))
 for p in $pids; do
-  while kill -s 0 -- "-$p" 2>/dev/null && [ "$(date +%s)" -lt "$end" ]; do sleep 0.2; done
+  while ours "$p" && [ "$(date +%s)" -lt "$end" ]; do sleep 0.2; done
 done
-for p in $pids; do kill -s 0 -- "-$p" 2>/dev/null && echo "alive $p"; done
+for p in $pids; do ours "$p" && echo "alive $p"; done
 true
 """
 
@@ -234,9 +249,9 @@ class RemoteRun:
                 try:
                     s.stream(f"cd {d} && tail -n +{seen + 1} -F master.log "
                              f"--pid=$(cat master.pid) 2>/dev/null", count)
-                    code = s.run(f"cd {d} && cat master.exit 2>/dev/null || "
-                                 "{ kill -0 $(cat master.pid) 2>/dev/null && echo running; }",
-                                 check=False).strip()
+                    check = (OURS_FN + "cat master.exit 2>/dev/null || "
+                             "{ ours \"$(cat master.pid)\" && echo running; }")
+                    code = s.run(f"cd {d} && sh -c {shlex.quote(check)}", check=False).strip()
                     if code != "running":  # else only the tail ended: follow on
                         return int(code) if code.lstrip("-").isdigit() else -1
                 except SSHError as e:
@@ -396,11 +411,11 @@ def stop(cluster: Cluster, run_id: str | None = None, progress: Progress = print
 
 
 # The runs in ~/relufit-runs with a live process behind one of their pidfiles.
-_RUNNING_SCRIPT = r"""
+_RUNNING_SCRIPT = OURS_FN + r"""
 cd relufit-runs 2>/dev/null || exit 0
-for d in */; do
-  for f in "$d"*.pid; do
-    [ -f "$f" ] && kill -s 0 -- "-$(cat "$f")" 2>/dev/null && { echo "${d%/}"; break; }
+for r in */; do
+  for f in "$r"*.pid; do
+    [ -f "$f" ] && ours "$(cat "$f")" && { echo "${r%/}"; break; }
   done
 done
 true

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shlex
 import signal
 import subprocess
 import sys
@@ -145,9 +146,9 @@ def processes_with(text: str) -> list[int]:
 
 def alive_relufit(state, node: int, run_id: str) -> list[str]:
     """Pidfiles of run ``run_id`` on ``node`` whose process group still has a process."""
+    script = remote.OURS_FN + 'for f in *.pid; do [ -f $f ] && ours "$(cat $f)" && echo $f; done'
     out = host_ssh(state, node, f"cd relufit-runs/{run_id} 2>/dev/null || exit 0; "
-                   "for f in *.pid; do [ -f $f ] && kill -0 -- -$(cat $f) 2>/dev/null "
-                   "&& echo $f; done; true")
+                   f"sh -c {shlex.quote(script)}; true")
     return out.stdout.split()
 
 
