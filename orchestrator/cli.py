@@ -365,11 +365,12 @@ def fetch(cluster_name: str, run_id: str, out: str) -> None:
 @click.argument("cluster_name", metavar="CLUSTER")
 @click.argument("run_id", required=False)
 @click.option("--rank", type=int, default=None, help="An agent's log instead of the master's.")
-def logs(cluster_name: str, run_id: str | None, rank: int | None) -> None:
+@click.option("--follow", "-f", is_flag=True, help="Keep printing until that process ends.")
+def logs(cluster_name: str, run_id: str | None, rank: int | None, follow: bool) -> None:
     """Print the master's log of RUN_ID (default: the latest run) on CLUSTER."""
     from orchestrator import remote
 
-    click.echo(remote.logs(_find_cluster(cluster_name), run_id, rank), nl=False)
+    remote.logs(_find_cluster(cluster_name), run_id, rank, click.echo, follow)
 
 
 @cli.command()

@@ -363,9 +363,13 @@ def _stop_and_fetch(rr: RemoteRun, out: str | Path, progress: Progress) -> None:
 # ---------------------------------------------------------------- later: fetch, logs, stop
 
 def list_runs(cluster: Cluster) -> list[str]:
-    """Run ids on node 0, oldest first."""
+    """Run ids on node 0, least recently changed first."""
     with Session(deploy.targets(cluster)[0]) as s:
-        return sorted(s.listdir_sizes(RUNS_DIR))
+        try:
+            found = s.sftp.listdir_attr(RUNS_DIR)
+        except FileNotFoundError:
+            return []
+    return [a.filename for a in sorted(found, key=lambda a: (a.st_mtime, a.filename))]
 
 
 def latest_run(cluster: Cluster) -> str:
@@ -383,23 +387,26 @@ def fetch(cluster: Cluster, run_id: str, out: str | Path = "results",
     return RemoteRun(cluster, run_id).fetch(out, progress)
 
 
-def logs(cluster: Cluster, run_id: str | None, rank: int | None) -> str:
-    """The master's log of a run (default: the latest), or agent ``rank``'s."""
+def logs(cluster: Cluster, run_id: str | None, rank: int | None,
+         on_line: Callable[[str], None], follow: bool = False) -> None:
+    """The master's log of a run (default: the latest), or agent ``rank``'s, line by line;
+    with ``follow``, until that process ends (Ctrl-C to stop watching)."""
     run_id = run_id or latest_run(cluster)
-    rdir = run_dir(run_id)
-    name = "master.log" if rank is None else f"agent-{rank}.log"
+    rdir = shlex.quote(run_dir(run_id))
+    who = "master" if rank is None else f"agent-{rank}"
 
-    def read(t: SSHTarget) -> str | None:
+    def has(t: SSHTarget) -> bool:
         with Session(t) as s:
-            rc, text = s.run_rc(f"cat {shlex.quote(rdir)}/{name}")
-        return text if rc == 0 else None
+            return s.run_rc(f"test -f {rdir}/{who}.log")[0] == 0
 
     targets = deploy.targets(cluster)
-    found = [x for x in deploy.on_all(targets if rank is not None else targets[:1], read)
-             if x is not None]
-    if not found:
-        raise RunError(f"no {name} for run {run_id} on cluster {cluster.name}")
-    return found[0]
+    targets = targets if rank is not None else targets[:1]
+    where = [t for t, ok in zip(targets, deploy.on_all(targets, has), strict=True) if ok]
+    if not where:
+        raise RunError(f"no {who}.log for run {run_id} on cluster {cluster.name}")
+    tail = f"tail -n +1 -F {who}.log --pid=$(cat {who}.pid)" if follow else f"cat {who}.log"
+    with Session(where[0]) as s:
+        s.stream(f"cd {rdir} && {tail} 2>/dev/null", on_line)
 
 
 def stop(cluster: Cluster, run_id: str | None = None, progress: Progress = print) -> list[str]:

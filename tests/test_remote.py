@@ -190,6 +190,10 @@ def test_run_on_cluster_matches_sim_and_brings_results_home(deployed, tmp_path):
     logs = relufit("logs", c.name, dest.name)
     assert logs.returncode == 0 and "completed" in logs.stdout
     assert relufit("logs", c.name, dest.name, "--rank", "1").returncode == 0
+    followed = relufit("logs", c.name, "--follow")  # the latest run, which has ended
+    assert followed.returncode == 0 and followed.stdout == logs.stdout
+    missing = relufit("logs", c.name, dest.name, "--rank", "7")
+    assert missing.returncode == 1 and "no agent-7.log" in missing.stderr
     again = relufit("fetch", c.name, dest.name, "--out", str(tmp_path / "again"))
     assert again.returncode == 0, again.stderr
     assert (tmp_path / "again" / dest.name / "metrics.csv").read_text() == \
