@@ -80,6 +80,7 @@ def targets(cluster: Cluster) -> list[SSHTarget]:
 # ------------------------------------------------------------------------------ connecting
 
 _known_hosts_lock = threading.Lock()
+_pause = time.sleep  # the backoff between connect attempts (tests count them)
 
 
 class _PinOnFirstContact(paramiko.MissingHostKeyPolicy):
@@ -164,7 +165,7 @@ def connect(target: SSHTarget, timeout: float = CONNECT_TIMEOUT_S,
             last = f"{type(e).__name__}: {e}"
         if time.monotonic() + delay > deadline:
             raise SSHError(target.name, f"unreachable after {timeout:.0f} s ({last})")
-        time.sleep(delay)
+        _pause(delay)
         delay = min(delay * 2, 5.0)
 
 
