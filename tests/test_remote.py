@@ -231,6 +231,10 @@ def test_ctrl_c_stops_remote_processes_and_fetches_partial_results(deployed, tmp
     out = tmp_path / "results"
     with cluster_run(c, state, exp_file, out, 20) as (proc, run_id):
         assert sorted(alive_relufit(state, 1, run_id)) == ["agent-0.pid", "agent-2.pid"]
+        # no secret in any process list: the run's secret keys are only in 0600 files
+        keyfile = host_ssh(state, 1, f"cat relufit-runs/{run_id}/keys-agent/client.key_secret")
+        secret = keyfile.stdout.split('secret-key = "')[1].split('"')[0]
+        assert len(secret) == 40 and processes_with(secret) == []
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=90)
     assert proc.returncode == 130, stderr[-2000:]
