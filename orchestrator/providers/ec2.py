@@ -1019,21 +1019,12 @@ def build_ami(region: str | None, install: Callable[[Cluster, Progress], None], 
 
 def _build(ec2: Any, plan: Plan, install: Callable[[Cluster, Progress], None],
            progress: Progress, version: str) -> str:
-    name = plan.spec.name
-    key_name = _ensure_key_pair(ec2, name, progress)
-    group_id = _ensure_security_group(ec2, plan, progress)
-    ids = launch_nodes(ec2, plan, uuid.uuid4().hex[:12], group_id, key_name, progress)
-    wait_running(ec2, ids, progress)
-    wait_status_ok(ec2, ids, progress)
-    found = [i for r in ec2.describe_instances(InstanceIds=ids)["Reservations"]
-             for i in r["Instances"]]
-    c = to_cluster(name, plan.region, found)
-    save_cluster(c)
+    c = _create(ec2, plan, uuid.uuid4().hex[:12], progress)  # a cluster of one: the builder
     install(c, progress)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     tags = [{"Key": TAG_AMI, "Value": version or "1"}, {"Key": "Name", "Value": f"relufit-{stamp}"}]
     image_id = ec2.create_image(
-        InstanceId=ids[0], Name=f"relufit-node-{stamp}",
+        InstanceId=c.master.instance_id, Name=f"relufit-node-{stamp}",
         Description=f"relufit worker image {version} from {plan.image_id}",
         TagSpecifications=[{"ResourceType": "image", "Tags": tags}])["ImageId"]
     progress(f"Creating image {image_id}")
