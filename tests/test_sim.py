@@ -91,7 +91,9 @@ def test_run_directory_contents(tmp_path):
         assert m.sum() == t["rounds"]
         assert run["metrics"]["bytes_up"][m].sum() == t["total_bytes_up"]
         assert run["metrics"]["rel_error"][m][-1] == t["final_rel_error"]
-    assert "workers = 4" not in run["experiment"] and '"cluster.workers" = [1, 2]' in run["experiment"]
+    assert (
+        "workers = 4" not in run["experiment"] and '"cluster.workers" = [1, 2]' in run["experiment"]
+    )
     with open(path / "metrics.csv") as f:
         header = next(csv.reader(f))
     for col in ("trial", "round", "elapsed_s", "rel_error", "loss", "bytes_up", "bytes_down"):
@@ -118,22 +120,38 @@ def test_interrupted_run_keeps_completed_rounds(tmp_path):
 
 def test_cli_run_writes_a_run_directory(tmp_path):
     f = tmp_path / "e.toml"
-    f.write_text('[problem]\nd = 10\nn = 200\n[compress]\nscheme = "none"\n[cluster]\nworkers = 2\n')
-    r = CliRunner().invoke(cli, ["run", str(f), "--backend", "sim", "--out", str(tmp_path / "out"),
-                                 "--set", "train.rounds=50"])
+    f.write_text(
+        '[problem]\nd = 10\nn = 200\n[compress]\nscheme = "none"\n[cluster]\nworkers = 2\n'
+    )
+    r = CliRunner().invoke(
+        cli,
+        [
+            "run",
+            str(f),
+            "--backend",
+            "sim",
+            "--out",
+            str(tmp_path / "out"),
+            "--set",
+            "train.rounds=50",
+        ],
+    )
     assert r.exit_code == 0, r.output
     path = tmp_path / "out" / r.stdout.strip().splitlines()[-1].split("/")[-1]
     summary = json.loads((path / "summary.json").read_text())
     assert summary["trials"][0]["spec"]["rounds"] == 50
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--set", "train.lrr=0.1"], "train.lrr"),
-    (["--set", "compress.scheme=zip"], "compress.scheme"),
-    (["--set", "cluster.workers=0"], "cluster.workers"),
-    (["--set", "oops"], "section.key=value"),
-    (["--backend", "cloud9"], "--backend"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--set", "train.lrr=0.1"], "train.lrr"),
+        (["--set", "compress.scheme=zip"], "compress.scheme"),
+        (["--set", "cluster.workers=0"], "cluster.workers"),
+        (["--set", "oops"], "section.key=value"),
+        (["--backend", "cloud9"], "--backend"),
+    ],
+)
 def test_cli_bad_input_is_one_line_naming_the_key(tmp_path, args, needle):
     f = tmp_path / "e.toml"
     f.write_text("[problem]\nd = 10\n")
@@ -146,3 +164,13 @@ def test_cli_bad_input_is_one_line_naming_the_key(tmp_path, args, needle):
 def test_cli_missing_file(tmp_path):
     r = CliRunner().invoke(cli, ["run", str(tmp_path / "nope.toml")])
     assert r.exit_code == 2 and "no such experiment file" in r.output
+
+
+def test_a_hostile_qsgd_header_claiming_a_huge_d_is_refused_before_allocating():
+    from worker import node, qsgd
+
+    spec = exp(compress={"scheme": "qsgd", "levels": 4}).trials()[0].spec
+    q = qsgd.quantize(np.zeros(1000), 4, np.random.default_rng(0))
+    payload = qsgd.encode(q)  # an all-zero vector of d = 1000: a tiny payload
+    with pytest.raises(ValueError):
+        node.decode_gradient(payload, spec)  # spec.d = 20

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from worker import relu
+from worker import qsgd, relu
 
 SCHEMES = ("none", "qsgd")
 CODINGS = ("elias", "fixed")
@@ -113,8 +113,6 @@ def encode_gradient(g: np.ndarray, spec: TrialSpec, rng: np.random.Generator) ->
     """float32 for scheme 'none'; QSGD's self-describing payload for 'qsgd'."""
     if spec.scheme == "none":
         return np.asarray(g, dtype="<f4").tobytes()
-    from worker import qsgd
-
     q = qsgd.quantize(g, spec.levels, rng, bucket_size=spec.bucket_size or None)
     return qsgd.encode(q, coding=spec.coding)
 
@@ -123,9 +121,7 @@ def decode_gradient(payload: bytes | memoryview, spec: TrialSpec) -> np.ndarray:
     """Raises ValueError (qsgd.CodecError or SpecError) on a payload that does not fit."""
     if spec.scheme == "none":
         return decode_weights(payload, spec.d)
-    from worker import qsgd
-
-    q = qsgd.decode(bytes(payload))
+    q = qsgd.decode(payload, max_d=spec.d)  # a hostile header cannot make us allocate more
     if q.d != spec.d or q.levels != spec.levels:
         raise SpecError(f"gradient payload is for d={q.d}, s={q.levels}; trial has d={spec.d}")
     return qsgd.dequantize(q)
