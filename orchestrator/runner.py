@@ -104,5 +104,7 @@ def _record(
         f"{label}: {res.status} after {res.rounds} rounds, rel_error {res.final_rel_error:.3e},"
         f" {mb:.2f} MB, {res.wall_time_s:.2f} s"
     )
+    if res.status == "completed" and trial.spec.target_rel_error > 0 and not res.reached_target:
+        line += f", target {trial.spec.target_rel_error:g} not reached"
     progress(line + (f" ({res.reason})" if res.reason else ""))
     writer.event(line)
