@@ -39,7 +39,7 @@ SETTINGS = {
     "s16b512fixed": {"scheme": "qsgd", "levels": 16, "coding": "fixed", "bucket_size": 512},
     "s16": {"scheme": "qsgd", "levels": 16, "coding": "elias", "bucket_size": 0},
 }
-DEFAULT_SETTINGS = "fp32,s16b512,s16b512fixed,s4b512"
+DEFAULT_SETTINGS = "fp32,s16b512,s16b512fixed"  # s4b512 diverges at lr 0.08; ~10 min in all
 WARMUP = 2
 
 
