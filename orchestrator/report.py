@@ -506,7 +506,8 @@ def summary_markdown(rep: dict[str, Any]) -> str:
 CONVENTIONS = [
     "rounds: the number of SGD steps taken (metrics row round = k - 1 is the state after k).",
     "bits up: cumulative bytes_up * 8 over all workers (the compressed uplink); bytes up+down "
-    "adds the downlink (float32 weights in ps, relayed gradients in allgather).",
+    "adds the downlink (float32 weights in ps, relayed gradients in allgather, the "
+    "compressed mean in broadcast).",
     "time: elapsed_s at the round the target is reached (includes trial start-up); ms/round: "
     "mean over rounds after the first.",
     f"rate: exp(slope) of a least-squares fit of ln rel_error against round, from the first "

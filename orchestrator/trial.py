@@ -1,7 +1,8 @@
 """The one round loop that every backend drives.
 
-``run_trial`` owns the master's side of SGD: it sends the weights down (``ps``) or
-relays last round's gradients (``allgather``), receives the workers' encoded
+``run_trial`` owns the master's side of SGD: it sends the weights down (``ps``),
+relays last round's gradients (``allgather``) or sends last round's mean gradient,
+compressed like the workers' gradients (``broadcast``); it receives the workers' encoded
 gradients in rank order, decodes, averages, steps, and reports one ``RoundRow``
 per round. *Where* the workers run is hidden behind a ``WorkerPool``: ``SimPool``
 below calls ``WorkerNode`` in-process; the ZeroMQ master implements the same three
@@ -44,7 +45,8 @@ class Exchange:
 
 
 class WorkerPool(Protocol):
-    """Where the workers run. ``down`` is the float32 weights (ps) or None (allgather)."""
+    """Where the workers run. ``down``: the float32 weights (ps), None (allgather), or the
+    encoded mean of last round (broadcast; b"" in round 0)."""
 
     def start_trial(self, spec: TrialSpec) -> None: ...
 
@@ -116,6 +118,8 @@ def run_trial(
     totals = {"up": 0, "down": 0}
     lost: list[int] = []
     relay: list[Reply] = []
+    update = b""  # broadcast: last round's encoded mean, which every replica applies
+    down_rng = relu.down_quant_rng(spec.seed)
     start = time.perf_counter()
     rounds_done, err = 0, relu.rel_error(w, w_star)
 
@@ -128,7 +132,10 @@ def run_trial(
     pool.start_trial(spec)
     try:
         for r in range(spec.rounds):
-            down = node.encode_weights(w) if spec.topology == "ps" else None
+            if spec.topology == "ps":
+                down: bytes | None = node.encode_weights(w)
+            else:
+                down = update if spec.topology == "broadcast" else None
             ex = pool.exchange(r, down, relay)
             for rank, why in ex.lost:
                 lost.append(rank)
@@ -145,7 +152,13 @@ def run_trial(
             except ValueError as e:  # a payload that passed the pool's checks but not decode
                 raise TrialFailed(f"undecodable gradient in round {r}: {e}") from None
             t1 = time.perf_counter()
-            w = w - spec.lr * g
+            master_encode_s = 0.0
+            if spec.topology == "broadcast":  # the replicas take this exact step next round
+                update = node.encode_gradient(g, spec, down_rng)
+                master_encode_s = time.perf_counter() - t1
+                w = node.apply_update(w, update, spec)
+            else:
+                w = w - spec.lr * g
             err = relu.rel_error(w, w_star)
             t2 = time.perf_counter()
             relay = ex.replies
@@ -155,8 +168,9 @@ def run_trial(
             on_round(RoundRow(
                 spec.trial, r, time.perf_counter() - start, err, relu.population_loss(w, w_star),
                 ex.bytes_up, ex.bytes_down, len(ex.replies),
-                max(rep.compute_s for rep in ex.replies), max(rep.encode_s for rep in ex.replies),
-                ex.network_s, t1 - t0, t2 - t1,
+                max(rep.compute_s for rep in ex.replies),
+                max(rep.encode_s for rep in ex.replies) + master_encode_s,
+                ex.network_s, t1 - t0, t2 - t1 - master_encode_s,
             ))
             if not np.isfinite(err) or err > DIVERGED:
                 raise TrialFailed(f"diverged in round {r} (rel_error {err}); lower train.lr")
@@ -185,8 +199,12 @@ class SimPool:
     def exchange(self, round_: int, down: bytes | None, relay: list[Reply]) -> Exchange:
         replies, bytes_down = [], 0
         for nd in self.nodes:
-            if down is not None:
+            if nd.spec.topology == "ps":
                 w = node.decode_weights(down, nd.spec.d)
+                bytes_down += len(down)
+            elif nd.spec.topology == "broadcast":
+                nd.apply_update(down)
+                w = nd.w
                 bytes_down += len(down)
             else:
                 payloads = [rep.payload for rep in relay]

@@ -22,7 +22,7 @@ BASE = {
                 "connect_timeout": 20},
 }
 SWEEP = {
-    "cluster.topology": ["ps", "allgather"],
+    "cluster.topology": ["ps", "allgather", "broadcast"],
     "cluster.workers": [M, 2],
     "compress": [
         {"scheme": "none"},
@@ -50,13 +50,13 @@ def test_local_is_the_default_backend():
     assert DEFAULT_BACKEND == "local"
 
 
-def test_local_reproduces_sim_for_both_topologies_codings_and_worker_counts(tmp_path):
+def test_local_reproduces_sim_for_all_topologies_codings_and_worker_counts(tmp_path):
     exp = experiment(sweep=SWEEP)
     sim_path, _ = run(exp, "sim", tmp_path / "sim")
     loc_path, procs = run(exp, "local", tmp_path / "local")
     sim, loc = read_metrics(sim_path / "metrics.csv"), read_metrics(loc_path / "metrics.csv")
     trials = exp.trials()
-    assert len(trials) == 12 and len(loc["rel_error"]) == 12 * 25
+    assert len(trials) == 18 and len(loc["rel_error"]) == 18 * 25
     np.testing.assert_array_equal(loc["trial"], sim["trial"])
     np.testing.assert_array_equal(loc["round"], sim["round"])
     np.testing.assert_array_equal(loc["rel_error"], sim["rel_error"])  # bit for bit
@@ -74,6 +74,10 @@ def test_local_reproduces_sim_for_both_topologies_codings_and_worker_counts(tmp_
             assert (up == s.workers * (4 * D + protocol.GRADIENT_HEADER)).all()
         if s.topology == "ps":
             np.testing.assert_array_equal(down, s.workers * (4 * D + protocol.ROUND_HEADER))
+        elif s.topology == "broadcast":  # the same update to each, one padded header each
+            np.testing.assert_array_equal(down, sim_down + s.workers * protocol.ROUND_HEADER)
+            if s.scheme == "qsgd":
+                assert (sim_down[1:] < s.workers * 4 * D).all()  # compressed, not float32
         else:  # relayed payloads plus a small header (it lists the ranks)
             overhead = down - sim_down
             assert (overhead > 0).all() and (overhead < s.workers * 100).all()
@@ -81,7 +85,7 @@ def test_local_reproduces_sim_for_both_topologies_codings_and_worker_counts(tmp_
 
     summary = json.loads((loc_path / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["backend"] == "local"
-    assert [tr["status"] for tr in summary["trials"]] == ["completed"] * 12
+    assert [tr["status"] for tr in summary["trials"]] == ["completed"] * 18
     # every agent got STOP and exited by itself (not terminated, not killed)
     assert len(procs) == M and [p.returncode for p in procs] == [0] * M
 

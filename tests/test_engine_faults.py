@@ -220,8 +220,9 @@ def test_hostile_frames_to_a_live_master(tmp_path):
     np.testing.assert_array_equal(run["metrics"]["rel_error"], want)
 
 
-def test_hostile_frames_to_live_agents(tmp_path):
-    exp = experiment(train={"rounds": 20}, cluster={"topology": "allgather"})
+@pytest.mark.parametrize("topology", ["allgather", "broadcast"])
+def test_hostile_frames_to_live_agents(tmp_path, topology):
+    exp = experiment(train={"rounds": 20}, cluster={"topology": topology})
     want = sim_rel_errors(exp, tmp_path)
     rng = np.random.default_rng(2)
 

@@ -68,6 +68,56 @@ def test_sim_allgather_converges_and_counts_relayed_bytes():
     assert rows[1].bytes_down == 3 * 2 * 4 * 20  # each worker gets the 2 others' gradients
 
 
+class ReplicaProbe(SimPool):
+    """SimPool that records, each round, every worker replica's rel_error after its update."""
+
+    def __init__(self, w_star):
+        super().__init__()
+        self.w_star, self.seen = w_star, []
+
+    def exchange(self, round_, down, relay):
+        ex = super().exchange(round_, down, relay)
+        self.seen.append([relu.rel_error(nd.w, self.w_star) for nd in self.nodes])
+        return ex
+
+
+@pytest.mark.parametrize("compress", [
+    {"scheme": "none"},
+    {"scheme": "qsgd", "levels": 4, "coding": "elias"},
+    {"scheme": "qsgd", "levels": 16, "coding": "fixed", "bucket_size": 8},
+])
+def test_broadcast_replicas_take_the_masters_exact_step(compress):
+    e = exp(cluster={"topology": "broadcast"}, compress=compress, train={"lr": 0.3})
+    spec = e.trials()[0].spec
+    pool, rows = ReplicaProbe(relu.planted_weights(spec.d, spec.seed)), []
+    res = run_trial(spec, pool, rows.append)
+    assert res.reached_target
+    assert rows[0].bytes_down == 0  # no mean before the first gradients
+    for r in range(1, len(rows)):
+        # in round r every replica holds the master's weights after round r - 1, bit for bit
+        assert pool.seen[r] == [rows[r - 1].rel_error] * 3
+    if compress["scheme"] == "none":
+        assert all(r.bytes_down == 3 * 4 * 20 for r in rows[1:])  # the float32 mean, to each
+    else:
+        assert all(r.bytes_down < 3 * 4 * 20 for r in rows[1:])  # the downlink is compressed too
+
+
+def test_broadcast_float32_matches_a_hand_written_loop():
+    e = exp(cluster={"topology": "broadcast"}, train={"rounds": 30, "target_rel_error": 0})
+    _, rows = run_rows(e)
+    spec = e.trials()[0].spec
+    w_star = relu.planted_weights(spec.d, spec.seed)
+    shards = [relu.shard(spec.d, spec.n, spec.seed, r, 3) for r in range(3)]
+    rngs = [relu.batch_rng(spec.seed, r) for r in range(3)]
+    w = np.zeros(spec.d)
+    for row in rows:
+        gs = [relu.gradient(w, *relu.minibatch(X, y, spec.batch_size, rng)).astype(np.float32)
+              for (X, y), rng in zip(shards, rngs, strict=True)]
+        mean = (sum(g.astype(np.float64) for g in gs) / 3).astype(np.float32)  # sent as float32
+        w = w - spec.lr * mean.astype(np.float64)
+        assert row.rel_error == pytest.approx(relu.rel_error(w, w_star), rel=1e-12)
+
+
 def test_online_setting_n_zero_converges():
     res, _ = run_rows(exp(problem={"n": 0}))
     assert res.reached_target

@@ -89,15 +89,18 @@ class _Work:
              others: list[Any]) -> tuple[str, int, int, node.StepResult, float]:
         nd = self.node
         t0 = time.perf_counter()
-        if ranks is None:  # ps: the master's float32 weights
+        if nd.spec.topology == "ps":  # the master's float32 weights
             w = node.decode_weights(protocol.buffer(weights), nd.spec.d)
+        elif nd.spec.topology == "broadcast":  # the master's encoded mean of last round
+            nd.apply_update(protocol.buffer(weights))
+            w = nd.w
         else:  # allgather: re-insert our own last payload among the others, in rank order
             it = iter(others)
             payloads = [self.last_payload if r == nd.rank else bytes(protocol.buffer(next(it)))
                         for r in ranks]
             nd.apply(payloads)
             w = nd.w
-        apply_s = time.perf_counter() - t0 if ranks is not None else 0.0
+        apply_s = time.perf_counter() - t0 if nd.spec.topology != "ps" else 0.0
         res = nd.step(w, round_)
         self.last_payload = res.payload
         return ("gradient", trial, round_, res, apply_s)
@@ -238,6 +241,11 @@ class Agent:
         if spec.topology == "ps":
             if len(msg.payloads) != 1 or protocol.frame_bytes(msg.payloads[0]) != 4 * spec.d:
                 raise ProtocolError(f"ps ROUND must carry {4 * spec.d} bytes of weights")
+            weights = msg.payloads[0]
+        elif spec.topology == "broadcast":
+            empty = len(msg.payloads) == 1 and protocol.frame_bytes(msg.payloads[0]) == 0
+            if len(msg.payloads) != 1 or empty != (round_ == 0):
+                raise ProtocolError("broadcast ROUND must carry one update, empty in round 0 only")
             weights = msg.payloads[0]
         else:
             ranks, others = msg.get("ranks", []), msg.payloads

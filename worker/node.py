@@ -5,7 +5,8 @@ validated here, since it may come from the network). A ``WorkerNode`` holds the
 worker's shard and generators and turns weights into an encoded gradient. The
 aggregation (decode, average in rank order) lives here too, because in the
 ``allgather`` topology every worker applies it to its own replica and must get the
-bit-identical result the master gets.
+bit-identical result the master gets; so does ``apply_update``, the step every replica
+takes from the master's encoded mean in the ``broadcast`` topology.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from worker import qsgd, relu
 
 SCHEMES = ("none", "qsgd")
 CODINGS = ("elias", "fixed")
-TOPOLOGIES = ("ps", "allgather")
+TOPOLOGIES = ("ps", "allgather", "broadcast")
 MAX_D = 1 << 28
 
 
@@ -135,6 +136,16 @@ def aggregate(payloads: list[bytes], spec: TrialSpec) -> np.ndarray:
     return total / len(payloads)
 
 
+def apply_update(w: np.ndarray, payload: bytes | memoryview, spec: TrialSpec) -> np.ndarray:
+    """broadcast: ``w - lr * mean``, the mean decoded from the master's payload (b"": none yet).
+
+    The master and every worker call this on the same bytes, so replicas stay bit-identical.
+    """
+    if len(payload) == 0:
+        return w
+    return w - spec.lr * decode_gradient(payload, spec)
+
+
 # ---------------------------------------------------------------- the worker
 
 
@@ -157,7 +168,7 @@ class WorkerNode:
         self.quant_rng = relu.quant_rng(spec.seed, rank)
         if spec.n > 0:
             self.X, self.y = relu.shard(spec.d, spec.n, spec.seed, rank, spec.workers)
-        self.w = np.zeros(spec.d)  # replica, used by the allgather topology
+        self.w = np.zeros(spec.d)  # replica, used by the allgather and broadcast topologies
 
     def gradient(self, w: np.ndarray, round_: int) -> np.ndarray:
         s = self.spec
@@ -179,3 +190,7 @@ class WorkerNode:
         """allgather: apply the round's relayed gradients to the replica, as the master does."""
         if payloads:
             self.w = self.w - self.spec.lr * aggregate(payloads, self.spec)
+
+    def apply_update(self, payload: bytes | memoryview) -> None:
+        """broadcast: take the step the master took, from its encoded mean."""
+        self.w = apply_update(self.w, payload, self.spec)

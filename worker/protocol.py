@@ -13,7 +13,8 @@ Conversation (master M, agent A):
     M -> A  TRIAL      {spec}                        the TrialSpec as JSON
     A -> M  READY      {trial}                       shard built
     M -> A  ROUND      {trial, round, ranks?}        ps: [float32 weights];
-                                                     allgather: [others' last payloads]
+                                                     allgather: [others' last payloads];
+                                                     broadcast: [encoded mean] (b"" in round 0)
     A -> M  GRADIENT   {trial, round, compute_s, encode_s, apply_s}  [encoded gradient]
     both    HEARTBEAT  {}                            any traffic also counts as one
     M -> A  STOP       {}                            the run is over: exit 0

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 # Stream ids keep the generators of different purposes independent for one seed.
-_WSTAR, _BLOCK, _ONLINE, _BATCH, _QUANT = 1, 2, 3, 4, 5
+_WSTAR, _BLOCK, _ONLINE, _BATCH, _QUANT, _QUANT_DOWN = 1, 2, 3, 4, 5, 6
 _BLOCK_ELEMENTS = 1 << 18  # ~2 MiB of float64 per generated block
 
 
@@ -35,6 +35,11 @@ def batch_rng(seed: int, rank: int) -> np.random.Generator:
 def quant_rng(seed: int, rank: int) -> np.random.Generator:
     """The generator a worker uses for QSGD's stochastic rounding."""
     return _rng(_QUANT, seed, rank)
+
+
+def down_quant_rng(seed: int) -> np.random.Generator:
+    """The generator the master uses to quantize the mean it broadcasts (``broadcast``)."""
+    return _rng(_QUANT_DOWN, seed)
 
 
 def planted_weights(d: int, seed: int) -> np.ndarray:
