@@ -1,16 +1,23 @@
 """When does QSGD win on the clock? float32 against QSGD on emulated shaped links (netns).
 
-Run (Linux, root): python benchmarks/bandwidth.py [--links 100mbit,1gbit]
-    [--topologies ps,allgather] [--settings fp32,s16b512,...] [--rounds 900] [--d 10000]
-    [--batch 256] [--lr 0.08]
+Run (Linux, root): python benchmarks/bandwidth.py [--links 100mbit,1gbit,10gbit]
+    [--topologies ps,allgather,broadcast] [--settings fp32,s16b512fixed,...] [--d 10000]
+    [--n 100000] [--batch 128] [--lr 0.045] [--rounds 4000] [--no-mpi] [--per-round-d 1000000]
 
-For every link rate it brings up one netns cluster (4 workers, name prefix ``bwb<pid>-``),
-deploys once, runs every setting x topology with ``relufit run --cluster`` and tears the
-cluster down in ``finally``. Per combination it prints the medians over rounds (first two
-dropped as warm-up) of the time per round split into compute, coding (encode + decode) and
-network, the time to the target rel_error (elapsed_s at the first round reaching it), the
-bytes sent up to then, and the speed-up over float32 in the same topology and link. The
-float32 trial of each (link, topology) is the baseline, measured in the same run.
+For every link rate it brings up one netns cluster (4 workers + the master's host, name
+prefix ``bwb<pid>-``), deploys once, runs every setting x topology with ``relufit run
+--cluster``, runs the MPI float32 baseline (benchmarks/mpi_baseline.py: mpi4py Allreduce,
+one rank in each worker's namespace) on the same cluster, then, at ``--per-round-d``
+(default 1e6; 0 skips it), a few rounds of each topology for the time per round only,
+and tears the cluster down in ``finally``.
+
+Per combination it prints the medians over rounds (first two dropped as warm-up) of the
+time per round split into compute, coding (encode + decode) and network; the time to the
+target rel_error, counted from the end of round 0 to the end of the round that reaches it
+(so that trial start-up, which builds each worker's shard, is left out of every row alike);
+the bytes sent up to then; and speed-ups: against float32 in the same topology, against
+relufit's best float32 on that link, and against the MPI baseline. Every baseline is
+measured in the same run, on the same cluster.
 
 The crossover bandwidth (above which float32 wins) is bracketed between the measured rates:
 for each topology, the best QSGD speed-up at each rate; the crossover lies between the last
@@ -34,12 +41,15 @@ from orchestrator.results import load_run
 SETTINGS = {
     "fp32": {"scheme": "none"},
     "s4b512": {"scheme": "qsgd", "levels": 4, "coding": "elias", "bucket_size": 512},
-    "s4b512fixed": {"scheme": "qsgd", "levels": 4, "coding": "fixed", "bucket_size": 512},
+    "s8b512": {"scheme": "qsgd", "levels": 8, "coding": "elias", "bucket_size": 512},
     "s16b512": {"scheme": "qsgd", "levels": 16, "coding": "elias", "bucket_size": 512},
     "s16b512fixed": {"scheme": "qsgd", "levels": 16, "coding": "fixed", "bucket_size": 512},
+    "s16b128": {"scheme": "qsgd", "levels": 16, "coding": "elias", "bucket_size": 128},
+    "s16b128fixed": {"scheme": "qsgd", "levels": 16, "coding": "fixed", "bucket_size": 128},
+    "s64b512": {"scheme": "qsgd", "levels": 64, "coding": "elias", "bucket_size": 512},
     "s16": {"scheme": "qsgd", "levels": 16, "coding": "elias", "bucket_size": 0},
 }
-DEFAULT_SETTINGS = "fp32,s16b512,s16b512fixed"  # s4b512 diverges at lr 0.08; ~10 min in all
+DEFAULT_SETTINGS = "fp32,s16b128,s16b128fixed,s16b512fixed"
 WARMUP = 2
 
 
@@ -55,21 +65,22 @@ def sweep_toml(names: list[str]) -> str:
     return "[" + ", ".join(rows) + "]"
 
 
-def experiment(args: argparse.Namespace) -> str:
+def experiment(d: int, n: int, batch: int, lr: float, rounds: int, target: float,
+               workers: int) -> str:
     return f"""name = "bwbench"
 [problem]
-d = {args.d}
-n = 0
+d = {d}
+n = {n}
 seed = 0
 [train]
-rounds = {args.rounds}
-batch_size = {args.batch}
-lr = {args.lr}
-target_rel_error = {args.target}
+rounds = {rounds}
+batch_size = {batch}
+lr = {lr}
+target_rel_error = {target}
 [compress]
 scheme = "none"
 [cluster]
-workers = {args.workers}
+workers = {workers}
 topology = "ps"
 """
 
@@ -83,7 +94,7 @@ def relufit(*argv: str) -> str:
 
 
 def setting_name(params: dict) -> str:
-    comp = {k: v for k, v in params.get("compress", {}).items()}
+    comp = dict(params.get("compress", {}))
     for name, s in SETTINGS.items():
         full = {"coding": "elias", "bucket_size": 0, **s}
         if all(comp.get(k, full[k]) == full[k] for k in full) and comp.get("scheme") == s["scheme"]:
@@ -94,64 +105,125 @@ def setting_name(params: dict) -> str:
 def summarize(trial: dict, target: float) -> dict:
     m = trial["metrics"]
     sl = slice(WARMUP, None)
-    round_t = np.diff(np.concatenate([[0.0], m["elapsed_s"]]))
-    hit = np.nonzero(m["rel_error"] <= target)[0]
+    round_t = np.diff(m["elapsed_s"])
+    hit = np.nonzero(m["rel_error"] <= target)[0] if target > 0 else np.array([], int)
     i = int(hit[0]) if len(hit) else None
     last = i if i is not None else len(m["round"]) - 1
     return {
-        "round_ms": 1e3 * float(np.median(round_t[sl])),
+        "round_ms": 1e3 * float(np.median(round_t[WARMUP - 1:])),
         "compute_ms": 1e3 * float(np.median(m["t_compute"][sl])),
         "coding_ms": 1e3 * float(np.median((m["t_encode"] + m["t_decode"])[sl])),
         "network_ms": 1e3 * float(np.median(m["t_network"][sl])),
         "rounds": last + 1,
-        "t_target": float(m["elapsed_s"][i]) if i is not None else None,
+        "t_target": float(m["elapsed_s"][i] - m["elapsed_s"][0]) if i is not None else None,
         "mb": float((m["bytes_up"][: last + 1].sum() + m["bytes_down"][: last + 1].sum()) / 1e6),
         "final": float(m["rel_error"][last]),
     }
 
 
-def run_link(link: str, args: argparse.Namespace, exp_file: Path, out: Path) -> list[dict]:
+def run_grid(name: str, link: str, exp_file: Path, topologies: list[str], settings: list[str],
+             target: float, out: Path, d: int) -> list[dict]:
+    rows = []
+    for topo in topologies:
+        stdout = relufit("run", str(exp_file), "--cluster", name, "--out", str(out),
+                         "--set", f"cluster.topology={topo}", "--set", f"cluster.link={link}",
+                         "--set", f"sweep.compress={sweep_toml(settings)}")
+        run_dir = stdout.strip().splitlines()[-1].strip()
+        for t in load_run(run_dir)["trials"]:
+            row = {"link": link, "d": d, "topology": topo, "setting": setting_name(t["params"]),
+                   "run": run_dir, "per_round": target == 0, **summarize(t, target)}
+            rows.append(row)
+            print(fmt(row), flush=True)
+    return rows
+
+
+def run_mpi_row(name: str, link: str, args: argparse.Namespace, d: int, n: int, batch: int,
+                rounds: int, target: float) -> dict:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from mpi_baseline import run_mpi  # noqa: PLC0415 (optional: needs openmpi and mpi4py)
+
+    res = run_mpi(name, d=d, n=n, batch=batch, lr=args.lr, rounds=rounds, target=target,
+                  seed=0)
+    keys = ("round_ms", "compute_ms", "network_ms", "rounds", "t_target", "mb", "final")
+    row = {"link": link, "d": d, "topology": "mpi-allreduce", "setting": "fp32", "run": "",
+           "per_round": target == 0, "coding_ms": 0.0, **{k: res[k] for k in keys}}
+    print(fmt(row), flush=True)
+    return row
+
+
+def run_link(link: str, args: argparse.Namespace, tmp: Path, out: Path) -> list[dict]:
     name = f"bwb{os.getpid()}-{link}".replace(".", "")
     rows = []
+    settings = args.settings.split(",")
+    topologies = args.topologies.split(",")
     try:
         relufit("cluster", "up", "--provider", "netns", "--name", name,
                 "--workers", str(args.workers), "--bandwidth", link)
         relufit("deploy", name)
-        for topo in args.topologies.split(","):
-            stdout = relufit("run", str(exp_file), "--cluster", name, "--out", str(out),
-                             "--set", f"cluster.topology={topo}", "--set", f"cluster.link={link}",
-                             "--set", f"sweep.compress={sweep_toml(args.settings.split(','))}")
-            run_dir = stdout.strip().splitlines()[-1].strip()
-            for t in load_run(run_dir)["trials"]:
-                row = {"link": link, "topology": topo, "setting": setting_name(t["params"]),
-                       "run": run_dir, **summarize(t, args.target)}
-                rows.append(row)
-                print(fmt(row), flush=True)
+        exp_file = tmp / "bwbench.toml"
+        exp_file.write_text(experiment(args.d, args.n, args.batch, args.lr, args.rounds,
+                                       args.target, args.workers))
+        rows += run_grid(name, link, exp_file, topologies, settings, args.target, out, args.d)
+        if args.mpi:
+            rows.append(run_mpi_row(name, link, args, args.d, args.n, args.batch, args.rounds,
+                                    args.target))
+        if args.per_round_d:
+            big = tmp / "bwbench-big.toml"  # online data: no d x n matrix at d = 1e6
+            big.write_text(experiment(args.per_round_d, 0, args.per_round_batch, args.lr,
+                                      args.per_round_rounds, 0, args.workers))
+            rows += run_grid(name, link, big, topologies, args.per_round_settings.split(","),
+                             0, out, args.per_round_d)
+            if args.mpi:
+                rows.append(run_mpi_row(name, link, args, args.per_round_d, 0,
+                                        args.per_round_batch, args.per_round_rounds, 0))
     finally:
         subprocess.run(["relufit", "cluster", "down", name], capture_output=True)
     return rows
 
 
 def add_speedups(rows: list[dict]) -> None:
+    def t(r: dict | None) -> float | None:
+        return r["t_target"] if r else None
+
     for r in rows:
-        base = next((b for b in rows if b["link"] == r["link"] and b["topology"] == r["topology"]
-                     and b["setting"] == "fp32"), None)
-        ok = base and base["t_target"] and r["t_target"]
-        r["speedup"] = base["t_target"] / r["t_target"] if ok else None
+        same = [b for b in rows if b["link"] == r["link"] and b["d"] == r["d"]]
+        base = next((b for b in same if b["topology"] == r["topology"] and b["setting"] == "fp32"),
+                    None)
+        fp32 = [b["t_target"] for b in same
+                if b["setting"] == "fp32" and b["topology"] != "mpi-allreduce" and b["t_target"]]
+        mpi = next((b for b in same if b["topology"] == "mpi-allreduce"), None)
+        mine = r["t_target"]
+        r["speedup"] = t(base) / mine if mine and t(base) else None
+        r["vs_best_fp32"] = min(fp32) / mine if mine and fp32 else None
+        r["vs_mpi"] = t(mpi) / mine if mine and t(mpi) else None
+
+
+def _x(v: float | None) -> str:
+    return f"{v:.2f}x" if v is not None else "-"
 
 
 def fmt(r: dict) -> str:
-    t = f"{r['t_target']:.2f}" if r["t_target"] is not None else f"not reached ({r['final']:.1e})"
-    sp = r.get("speedup")
-    sp = f"{sp:.2f}x" if sp is not None else "-"
-    return (f"| {r['link']} | {r['topology']} | {r['setting']} | {r['round_ms']:.1f} | "
-            f"{r['compute_ms']:.1f} | {r['coding_ms']:.1f} | {r['network_ms']:.1f} | "
-            f"{r['rounds']} | {t} | {r['mb']:.1f} | {sp} |")
+    if r["per_round"]:
+        t = "-"  # time per round only
+    elif r["t_target"] is None:
+        t = f"not reached ({r['final']:.1e})"
+    else:
+        t = f"{r['t_target']:.2f}"
+    return (f"| {r['link']} | {r['d']:.0e} | {r['topology']} | {r['setting']} | "
+            f"{r['round_ms']:.1f} | {r['compute_ms']:.1f} | {r['coding_ms']:.1f} | "
+            f"{r['network_ms']:.1f} | {r['rounds']} | {t} | {r['mb']:.1f} | "
+            f"{_x(r.get('speedup'))} | {_x(r.get('vs_best_fp32'))} | {_x(r.get('vs_mpi'))} |")
+
+
+HEADER = ("| link | d | topology | setting | round ms | compute ms | coding ms | network ms | "
+          "rounds | time to target s | MB sent | vs fp32 same topology | vs best relufit fp32 | "
+          "vs MPI |\n" + "|---" * 14 + "|")
 
 
 def crossover(rows: list[dict], links: list[str]) -> list[str]:
     out = []
-    for topo in sorted({r["topology"] for r in rows}):
+    topos = sorted({r["topology"] for r in rows if r["topology"] != "mpi-allreduce"})
+    for topo in topos:
         best = []
         for link in links:
             sps = [r["speedup"] for r in rows if r["link"] == link and r["topology"] == topo
@@ -174,35 +246,43 @@ def crossover(rows: list[dict], links: list[str]) -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--links", default="100mbit,1gbit")
-    p.add_argument("--topologies", default="ps,allgather")
+    p.add_argument("--links", default="100mbit,1gbit,10gbit")
+    p.add_argument("--topologies", default="ps,allgather,broadcast")
     p.add_argument("--settings", default=DEFAULT_SETTINGS, help=f"of {','.join(SETTINGS)}")
     p.add_argument("--d", type=int, default=10_000)
+    p.add_argument("--n", type=int, default=100_000, help="0: online data (costly to draw)")
     p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--batch", type=int, default=256, help="per worker")
-    p.add_argument("--lr", type=float, default=0.08)
-    p.add_argument("--rounds", type=int, default=900)
+    p.add_argument("--batch", type=int, default=128, help="per worker")
+    p.add_argument("--lr", type=float, default=0.045)
+    p.add_argument("--rounds", type=int, default=4000)
     p.add_argument("--target", type=float, default=1e-6)
+    p.add_argument("--mpi", action=argparse.BooleanOptionalAction, default=True,
+                   help="the mpi4py Allreduce baseline (needs openmpi-bin and mpi4py)")
+    p.add_argument("--per-round-d", type=int, default=1_000_000, help="0: skip")
+    p.add_argument("--per-round-rounds", type=int, default=8)
+    p.add_argument("--per-round-batch", type=int, default=16)
+    p.add_argument("--per-round-settings", default="fp32,s16b512fixed")
     p.add_argument("--json", type=Path, help="also write the rows here")
     args = p.parse_args()
     if os.geteuid() != 0:
         sys.exit("bandwidth.py needs root (netns clusters)")
+    for name in args.settings.split(",") + args.per_round_settings.split(","):
+        if name not in SETTINGS:
+            sys.exit(f"unknown setting {name!r}; known: {', '.join(SETTINGS)}")
     links = args.links.split(",")
-    header = ("| link | topology | setting | round ms | compute ms | coding ms | network ms | "
-              "rounds | time to target s | MB sent | speed-up vs fp32 |\n" + "|---" * 11 + "|")
-    print(header, flush=True)
+    print(HEADER, flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        exp_file = Path(tmp) / "bwbench.toml"
-        exp_file.write_text(experiment(args))
         for link in links:
-            rows += run_link(link, args, exp_file, Path("results"))
+            rows += run_link(link, args, Path(tmp), Path("results"))
+            if args.json:  # keep what is measured so far
+                args.json.write_text(json.dumps(rows, indent=1))
     add_speedups(rows)
-    print("\n" + header)
+    print("\n" + HEADER)
     for r in rows:
         print(fmt(r))
     print()
-    for line in crossover(rows, links):
+    for line in crossover([r for r in rows if r["d"] == args.d], links):
         print(line)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))

@@ -4,7 +4,7 @@ transport floor measured in the same run.
 Run: python benchmarks/rounds.py [--workers 1,2,4,8] [--dims 1000,100000,1000000]
                                  [--rounds-scale 1.0]
 
-For every M (workers), d, coding (fp32, QSGD s=16 elias) and topology (ps, allgather) it
+For every M (workers), d, coding (fp32, QSGD s=16 elias) and topology (ps, allgather, broadcast) it
 runs one trial on ``--backend local`` (real agent processes on 127.0.0.1) and prints the
 medians over rounds (the first two are dropped as warm-up) of: the round time, the
 workers' compute and encode (slowest worker), network wait, the master's decode and
@@ -35,7 +35,7 @@ from orchestrator.trial import RoundRow, run_trial
 
 CODINGS = {"fp32": {"scheme": "none"},
            "qsgd16": {"scheme": "qsgd", "levels": 16, "coding": "elias"}}
-TOPOLOGIES = ("ps", "allgather")
+TOPOLOGIES = ("ps", "allgather", "broadcast")
 BATCH = 8
 WARMUP = 2
 
