@@ -7,6 +7,8 @@ Sections below are owned by areas of the code base; add commands inside your sec
 
 from __future__ import annotations
 
+import signal
+
 import click
 
 from orchestrator import __version__
@@ -411,8 +413,15 @@ def ami_build(region: str | None, instance_type: str, base_ami: str | None,
     click.echo(image)
 
 
+def _sigterm_as_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point. SIGTERM (``kill PID``, a CI runner's timeout) ends any
+    command as Ctrl-C does, so its cleanup runs: remote processes stopped, a half-made
+    cluster removed. This also holds where SIGINT is ignored (a job started with ``&``)."""
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     cli(prog_name="relufit")
 
 

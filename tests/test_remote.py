@@ -225,7 +225,8 @@ def test_node_killed_mid_run_follows_the_loss_policy(deployed, tmp_path, policy)
         assert alive_relufit(state, node, run_id) == []
 
 
-def test_ctrl_c_stops_remote_processes_and_fetches_partial_results(deployed, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_stops_remote_processes_and_fetches_partial_results(deployed, tmp_path, sig):
     c, state = deployed
     exp_file = write_exp(tmp_path / "exp.toml", rounds=100000)
     out = tmp_path / "results"
@@ -235,7 +236,7 @@ def test_ctrl_c_stops_remote_processes_and_fetches_partial_results(deployed, tmp
         keyfile = host_ssh(state, 1, f"cat relufit-runs/{run_id}/keys-agent/client.key_secret")
         secret = keyfile.stdout.split('secret-key = "')[1].split('"')[0]
         assert len(secret) == 40 and processes_with(secret) == []
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)  # SIGTERM: `kill PID`, or Ctrl-C of a job where SIGINT is ignored
         _, stderr = proc.communicate(timeout=90)
     assert proc.returncode == 130, stderr[-2000:]
     assert "stopping the remote processes" in stderr

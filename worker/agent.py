@@ -82,6 +82,7 @@ class _Work:
         self.last_payload: bytes = b""
 
     def start(self, spec: TrialSpec, rank: int) -> tuple[str, int]:
+        self.node = None  # free the last trial's shard before building the next one
         self.node, self.last_payload = WorkerNode(spec, rank), b""
         return ("ready", spec.trial)
 

@@ -64,15 +64,15 @@ def planted_rows(d: int, seed: int, start: int, stop: int) -> tuple[np.ndarray, 
         raise ValueError(f"bad row range [{start}, {stop})")
     br = block_rows(d)
     w_star = planted_weights(d, seed)
-    xs, ys = [], []
+    # filled in place: the peak is the shard plus one block, not twice the shard
+    X, y = np.empty((stop - start, d)), np.empty(stop - start)
     for b in range(start // br, -(-stop // br)):
         block = _rng(_BLOCK, seed, b).standard_normal((br, d))
         lo, hi = max(start - b * br, 0), min(stop - b * br, br)
-        xs.append(block[lo:hi])
-        ys.append(labels(block, w_star)[lo:hi])
-    if not xs:
-        return np.empty((0, d)), np.empty(0)
-    return np.concatenate(xs), np.concatenate(ys)
+        at = b * br + lo - start
+        X[at:at + hi - lo] = block[lo:hi]
+        y[at:at + hi - lo] = labels(block, w_star)[lo:hi]
+    return X, y
 
 
 def labels(X: np.ndarray, w_star: np.ndarray) -> np.ndarray:
