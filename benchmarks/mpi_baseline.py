@@ -247,10 +247,13 @@ def _relufit(*argv: str) -> None:
 
 
 def fmt(res: dict) -> str:
-    t = f"{res['t_target']:.2f} s" if res["t_target"] is not None else "not reached"
+    t = "not reached"
+    if res["t_target"] is not None:
+        t = (f"{res['t_target']:.2f} s (from the start of round 0: "
+             f"{res['t_target_from_start']:.2f} s)")
     return (f"mpi-allreduce fp32 on {res['bandwidth']}, {res['ranks']} ranks, d={res['d']}: "
-            f"{res['rounds']} rounds, final rel_error {res['final']:.3g}, time to target {t} "
-            f"(from start {res['t_target_from_start'] or float('nan'):.2f} s); per round "
+            f"{res['rounds']} rounds, final rel_error {res['final']:.3g}, time to target {t}; "
+            f"per round "
             f"{res['round_ms']:.1f} ms = compute {res['compute_ms']:.1f} + network "
             f"{res['network_ms']:.1f} ms (medians); sent {res['mb']:.1f} MB measured "
             f"(ring estimate {res['mb_ring_estimate']:.1f} MB)")

@@ -100,3 +100,9 @@ def test_summary_refuses_ranks_that_ran_different_rounds():
 def test_ring_bytes():
     assert mb.ring_bytes(10_000, 4) == 60_000.0  # 2 * 3/4 of 40 kB
     assert mb.ring_bytes(10_000, 1) == 0.0
+
+
+def test_missing_mpirun_names_the_install_command(monkeypatch):
+    monkeypatch.setattr(mb.shutil, "which", lambda _: None)
+    with pytest.raises(RunError, match="apt-get install -y openmpi-bin.*pip install mpi4py"):
+        mb.check_tools()
