@@ -54,6 +54,7 @@ SETTINGS = {
 }
 DEFAULT_SETTINGS = "fp32,s15b128fixed,s16b128,s16b512fixed"
 WARMUP = 2
+PER_ROUND_LR = 1e-4  # time per round does not depend on lr; a small one never diverges
 
 
 def toml_value(v: object) -> str:
@@ -133,6 +134,10 @@ def run_grid(name: str, link: str, exp_file: Path, topologies: list[str], settin
                          "--set", f"sweep.compress={sweep_toml(settings)}")
         run_dir = stdout.strip().splitlines()[-1].strip()
         for t in load_run(run_dir)["trials"]:
+            if len(t["metrics"]["round"]) <= WARMUP:
+                print(f"skipped {link} {topo} {setting_name(t['params'])}: only "
+                      f"{len(t['metrics']['round'])} round(s) ({t.get('reason', '')})", flush=True)
+                continue
             row = {"link": link, "d": d, "topology": topo, "setting": setting_name(t["params"]),
                    "run": run_dir, "per_round": target == 0, **summarize(t, target)}
             rows.append(row)
@@ -140,13 +145,12 @@ def run_grid(name: str, link: str, exp_file: Path, topologies: list[str], settin
     return rows
 
 
-def run_mpi_row(name: str, link: str, args: argparse.Namespace, d: int, n: int, batch: int,
-                rounds: int, target: float) -> dict:
+def run_mpi_row(name: str, link: str, d: int, n: int, batch: int, lr: float, rounds: int,
+                target: float) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from mpi_baseline import run_mpi  # noqa: PLC0415 (optional: needs openmpi and mpi4py)
 
-    res = run_mpi(name, d=d, n=n, batch=batch, lr=args.lr, rounds=rounds, target=target,
-                  seed=0)
+    res = run_mpi(name, d=d, n=n, batch=batch, lr=lr, rounds=rounds, target=target, seed=0)
     keys = ("round_ms", "compute_ms", "network_ms", "rounds", "t_target", "mb", "final")
     row = {"link": link, "d": d, "topology": "mpi-allreduce", "setting": "fp32", "run": "",
            "per_round": target == 0, "coding_ms": 0.0, **{k: res[k] for k in keys}}
@@ -166,19 +170,21 @@ def run_link(link: str, args: argparse.Namespace, tmp: Path, out: Path) -> list[
         exp_file = tmp / "bwbench.toml"
         exp_file.write_text(experiment(args.d, args.n, args.batch, args.lr, args.rounds,
                                        args.target, args.workers))
-        rows += run_grid(name, link, exp_file, topologies, settings, args.target, out, args.d)
-        if args.mpi:
-            rows.append(run_mpi_row(name, link, args, args.d, args.n, args.batch, args.rounds,
-                                    args.target))
+        if args.grid:
+            rows += run_grid(name, link, exp_file, topologies, settings, args.target, out,
+                             args.d)
+        if args.mpi and args.grid:
+            rows.append(run_mpi_row(name, link, args.d, args.n, args.batch, args.lr,
+                                    args.rounds, args.target))
         if args.per_round_d:
             big = tmp / "bwbench-big.toml"  # online data: no d x n matrix at d = 1e6
-            big.write_text(experiment(args.per_round_d, 0, args.per_round_batch, args.lr,
+            big.write_text(experiment(args.per_round_d, 0, args.per_round_batch, PER_ROUND_LR,
                                       args.per_round_rounds, 0, args.workers))
             rows += run_grid(name, link, big, topologies, args.per_round_settings.split(","),
                              0, out, args.per_round_d)
             if args.mpi:
-                rows.append(run_mpi_row(name, link, args, args.per_round_d, 0,
-                                        args.per_round_batch, args.per_round_rounds, 0))
+                rows.append(run_mpi_row(name, link, args.per_round_d, 0, args.per_round_batch,
+                                        PER_ROUND_LR, args.per_round_rounds, 0))
     finally:
         subprocess.run(["relufit", "cluster", "down", name], capture_output=True)
     return rows
@@ -261,6 +267,8 @@ def main() -> None:
     p.add_argument("--target", type=float, default=1e-6)
     p.add_argument("--mpi", action=argparse.BooleanOptionalAction, default=True,
                    help="the mpi4py Allreduce baseline (needs openmpi-bin and mpi4py)")
+    p.add_argument("--grid", action=argparse.BooleanOptionalAction, default=True,
+                   help="the time-to-target grid at --d (--no-grid: only the per-round rows)")
     p.add_argument("--per-round-d", type=int, default=1_000_000, help="0: skip")
     p.add_argument("--per-round-rounds", type=int, default=8)
     p.add_argument("--per-round-batch", type=int, default=16)
