@@ -253,6 +253,47 @@ def crossover(rows: list[dict], links: list[str]) -> list[str]:
     return out
 
 
+def rate_bps(link: str) -> float:
+    units = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
+    for u, f in units.items():
+        if link.endswith(u):
+            return float(link[: -len(u)]) * f
+    raise ValueError(f"not a rate: {link}")
+
+
+def plot(rows: list[dict], d: int, path: Path) -> None:
+    """Time to target against link rate: one line per topology x setting, MPI dashed."""
+    import matplotlib  # noqa: PLC0415 (the report extra)
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    series: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for r in rows:
+        if r["d"] == d and r["t_target"]:
+            series.setdefault((r["topology"], r["setting"]), []).append(
+                (rate_bps(r["link"]), r["t_target"]))
+    colors = {"ps": "tab:blue", "allgather": "tab:orange", "broadcast": "tab:green",
+              "mpi-allreduce": "black"}
+    marks = ["o", "s", "^", "v", "D"]
+    settings = sorted({s for _, s in series})
+    for (topo, setting), pts in sorted(series.items()):
+        x, y = zip(*sorted(pts), strict=True)
+        ax.plot(x, y, marker=marks[settings.index(setting) % len(marks)],
+                color=colors.get(topo, "gray"),
+                linestyle="--" if topo == "mpi-allreduce" else "-", label=f"{topo} {setting}")
+    ax.set_xscale("log")
+    ax.set_xlabel("link rate (bit/s), every host")
+    ax.set_ylabel("time to rel_error 1e-6 (s)")
+    ax.set_title(f"d = {d:g}, 4 workers: float32 vs QSGD vs MPI Allreduce")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--links", default="100mbit,1gbit,10gbit")
@@ -274,7 +315,13 @@ def main() -> None:
     p.add_argument("--per-round-batch", type=int, default=16)
     p.add_argument("--per-round-settings", default="fp32,s15b128fixed")
     p.add_argument("--json", type=Path, help="also write the rows here")
+    p.add_argument("--plot", type=Path, help="time to target against link rate, as PNG")
+    p.add_argument("--from-json", type=Path, nargs="+",
+                   help="run nothing: merge the rows of earlier --json files (first wins)")
     args = p.parse_args()
+    if args.from_json:
+        report_saved(args)
+        return
     if os.geteuid() != 0:
         sys.exit("bandwidth.py needs root (netns clusters)")
     for name in args.settings.split(",") + args.per_round_settings.split(","):
@@ -297,6 +344,28 @@ def main() -> None:
         print(line)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
+    if args.plot:
+        plot(rows, args.d, args.plot)
+
+
+def report_saved(args: argparse.Namespace) -> None:
+    rows, seen = [], set()
+    for f in args.from_json:
+        for r in json.loads(f.read_text()):
+            key = (r["link"], r["d"], r["topology"], r["setting"])
+            if key not in seen:
+                seen.add(key)
+                rows.append(r)
+    add_speedups(rows)
+    print(HEADER)
+    for r in rows:
+        print(fmt(r))
+    print()
+    links = list(dict.fromkeys(r["link"] for r in rows))
+    for line in crossover([r for r in rows if r["d"] == args.d], links):
+        print(line)
+    if args.plot:
+        plot(rows, args.d, args.plot)
 
 
 if __name__ == "__main__":
