@@ -55,6 +55,10 @@ SETTINGS = {
 DEFAULT_SETTINGS = "fp32,s15b128fixed,s16b128,s16b512fixed"
 WARMUP = 2
 PER_ROUND_LR = 1e-4  # time per round does not depend on lr; a small one never diverges
+# At d = 1e6 and 100 Mbit/s an allgather round relays 48 MB through the master's link (~4 s),
+# longer than the default liveness (3 heartbeats of 1 s): the master declared every worker
+# lost. A peer's heartbeat waits behind the message in flight; 30 s covers it.
+BIG_LIVENESS = 30
 
 
 def toml_value(v: object) -> str:
@@ -70,7 +74,7 @@ def sweep_toml(names: list[str]) -> str:
 
 
 def experiment(d: int, n: int, batch: int, lr: float, rounds: int, target: float,
-               workers: int) -> str:
+               workers: int, liveness: int = 3) -> str:
     return f"""name = "bwbench"
 [problem]
 d = {d}
@@ -86,6 +90,7 @@ scheme = "none"
 [cluster]
 workers = {workers}
 topology = "ps"
+heartbeat_liveness = {liveness}
 """
 
 
@@ -179,7 +184,7 @@ def run_link(link: str, args: argparse.Namespace, tmp: Path, out: Path) -> list[
         if args.per_round_d:
             big = tmp / "bwbench-big.toml"  # online data: no d x n matrix at d = 1e6
             big.write_text(experiment(args.per_round_d, 0, args.per_round_batch, PER_ROUND_LR,
-                                      args.per_round_rounds, 0, args.workers))
+                                      args.per_round_rounds, 0, args.workers, BIG_LIVENESS))
             rows += run_grid(name, link, big, topologies, args.per_round_settings.split(","),
                              0, out, args.per_round_d)
             if args.mpi:
