@@ -237,7 +237,9 @@ class ZmqPool:
         for w in alive:
             if w.live.expired(now):
                 self._lose(w, f"silent for {now - w.live.last_heard:.2f} s (heartbeat "
-                              f"{self.interval:g} s x {self.liveness})")
+                              f"{self.interval:g} s x {self.liveness}; a message that takes "
+                              f"longer to cross the link also silences its sender: raise "
+                              f"cluster.heartbeat_liveness for large d on slow links)")
             elif w.live.heartbeat_due(now):
                 self._send(w, protocol.build(protocol.HEARTBEAT))
 
