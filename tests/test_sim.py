@@ -35,13 +35,18 @@ def run_rows(e):
     return res, rows
 
 
+def by_hand(spec):
+    """What a hand-written loop over 3 workers needs: w*, the shards, the batch generators."""
+    w_star = relu.planted_weights(spec.d, spec.seed)
+    shards = [relu.shard(spec.d, spec.n, spec.seed, r, 3) for r in range(3)]
+    return w_star, shards, [relu.batch_rng(spec.seed, r) for r in range(3)]
+
+
 def test_sim_matches_a_hand_written_sgd_loop():
     e = exp(train={"rounds": 30, "target_rel_error": 0})
     res, rows = run_rows(e)
     spec = e.trials()[0].spec
-    w_star = relu.planted_weights(spec.d, spec.seed)
-    shards = [relu.shard(spec.d, spec.n, spec.seed, r, 3) for r in range(3)]
-    rngs = [relu.batch_rng(spec.seed, r) for r in range(3)]
+    w_star, shards, rngs = by_hand(spec)
     w = np.zeros(spec.d)
     for row in rows:
         w32 = w.astype(np.float32).astype(np.float64)
@@ -106,9 +111,7 @@ def test_broadcast_float32_matches_a_hand_written_loop():
     e = exp(cluster={"topology": "broadcast"}, train={"rounds": 30, "target_rel_error": 0})
     _, rows = run_rows(e)
     spec = e.trials()[0].spec
-    w_star = relu.planted_weights(spec.d, spec.seed)
-    shards = [relu.shard(spec.d, spec.n, spec.seed, r, 3) for r in range(3)]
-    rngs = [relu.batch_rng(spec.seed, r) for r in range(3)]
+    w_star, shards, rngs = by_hand(spec)
     w = np.zeros(spec.d)
     for row in rows:
         gs = [relu.gradient(w, *relu.minibatch(X, y, spec.batch_size, rng)).astype(np.float32)
