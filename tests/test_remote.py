@@ -296,3 +296,31 @@ def test_spawn_command_backgrounds_only_the_process():
     assert " && " not in cmd.split("sh -c")[0]  # `a && b &` would background a subshell
     assert "< /dev/null & " in cmd and cmd.endswith("test -s agent-0.pid")
     assert "agent-0.pid" in cmd and "agent-0.exit" in cmd
+
+
+def test_a_run_whose_rounds_outlast_the_liveness_window_is_refused_before_it_starts():
+    from orchestrator.config import from_dict
+    from orchestrator.errors import ConfigError
+    from worker.node import gradient_bytes
+
+    def exp(liveness, topology="allgather", scheme="none"):
+        return from_dict({"problem": {"d": 1_000_000, "n": 0}, "compress": {"scheme": scheme},
+                          "cluster": {"workers": 2, "topology": topology,
+                                      "heartbeat_liveness": liveness}}, "big")
+
+    def shaped(rate, master=""):
+        return model.Cluster(name="c", provider="netns", nodes=(), key_path="/k",
+                             extra={"bandwidth": rate, "master_bandwidth": master})
+
+    # measured: 2 workers' 4 MB gradients into a 20 Mbit/s master link take 3.2 s > 3 s
+    with pytest.raises(ConfigError) as e:
+        remote.check_liveness_window(exp(3), shaped("20mbit"))
+    assert e.value.key == "cluster.heartbeat_liveness" and "= 7 or more" in str(e.value)
+    remote.check_liveness_window(exp(7), shaped("20mbit"))
+    remote.check_liveness_window(exp(3), shaped("1gbit"))  # 0.06 s
+    remote.check_liveness_window(exp(3), shaped("unshaped"))  # rate unknown: no check
+    remote.check_liveness_window(exp(3), shaped("20mbit", master="10gbit"))  # master's own
+    # QSGD (s = 4, 4 bits a coordinate + a norm): 8x fewer bytes up, so 3 s is enough
+    qs = exp(3, scheme="qsgd")
+    assert gradient_bytes(qs.trials()[0].spec) < 4_000_000 / 7
+    remote.check_liveness_window(qs, shaped("20mbit"))

@@ -118,6 +118,24 @@ def encode_gradient(g: np.ndarray, spec: TrialSpec, rng: np.random.Generator) ->
     return qsgd.encode(q, coding=spec.coding)
 
 
+def gradient_bytes(spec: TrialSpec) -> int:
+    """Bytes of one encoded gradient: exact for float32 and fixed coding; for Elias, the
+    fixed coding's size, which Elias stays under while s is not far above sqrt(bucket)."""
+    if spec.scheme == "none":
+        return 4 * spec.d
+    buckets = 1 if spec.bucket_size == 0 else -(-spec.d // spec.bucket_size)
+    bits = spec.d * (1 + spec.levels.bit_length()) + 32 * buckets
+    return qsgd.HEADER_BYTES + -(-bits // 8)
+
+
+def master_link_bytes(spec: TrialSpec) -> int:
+    """The most bytes one round moves through the master's link in one direction: the M
+    gradients in, or what goes down (weights, relayed gradients, or the encoded mean)."""
+    g, m = gradient_bytes(spec), spec.workers
+    down = {"ps": m * 4 * spec.d, "allgather": m * (m - 1) * g, "broadcast": m * g}
+    return max(m * g, down[spec.topology])
+
+
 def decode_gradient(payload: bytes | memoryview, spec: TrialSpec) -> np.ndarray:
     """Raises ValueError (qsgd.CodecError or SpecError) on a payload that does not fit."""
     if spec.scheme == "none":
