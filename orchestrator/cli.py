@@ -12,7 +12,7 @@ import signal
 import click
 
 from orchestrator import __version__
-from orchestrator.errors import ConfigError, RelufitError
+from orchestrator.errors import ConfigError, RelufitError, interrupt_handler
 
 
 class _Cli(click.Group):
@@ -413,15 +413,13 @@ def ami_build(region: str | None, instance_type: str, base_ami: str | None,
     click.echo(image)
 
 
-def _sigterm_as_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main() -> None:
     """Console-script entry point. SIGTERM (``kill PID``, a CI runner's timeout) ends any
     command as Ctrl-C does, so its cleanup runs: remote processes stopped, a half-made
     cluster removed. This also holds where SIGINT is ignored (a job started with ``&``)."""
-    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    signal.signal(signal.SIGTERM, interrupt_handler)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not ignored (`&`)
+        signal.signal(signal.SIGINT, interrupt_handler)
     cli(prog_name="relufit")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 
 class RelufitError(Exception):
     """A failure the user can act on. ``str()`` is the one-line message shown to them."""
@@ -35,3 +37,17 @@ class SSHError(RelufitError):
 
 class RunError(RelufitError):
     """A run could not start or finish (workers did not connect, a backend failed)."""
+
+
+# ------------------------------------------------------------------ interruption
+# Ctrl-C and SIGTERM end a run through KeyboardInterrupt. A KeyboardInterrupt raised while a C
+# extension cleans up (pyzmq's Frame dealloc) is printed as "Exception ignored" and lost, and
+# the run would go on until killed; the flag survives it, and run_trial raises it again at
+# the next round.
+INTERRUPT_REQUESTED = threading.Event()
+
+
+def interrupt_handler(signum: int, frame: object) -> None:
+    """Signal handler for SIGINT and SIGTERM: note the request, then interrupt."""
+    INTERRUPT_REQUESTED.set()
+    raise KeyboardInterrupt

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from orchestrator.config import Experiment, Trial
+from orchestrator.errors import INTERRUPT_REQUESTED
 from orchestrator.results import RunWriter, new_run_id
 from orchestrator.trial import RoundRow, TrialInterrupted, TrialResult, WorkerPool, run_trial
 
@@ -59,6 +60,7 @@ def run_experiment(
     """Run every trial; return the run directory. Ctrl-C marks the current trial
     ``interrupted``, keeps every completed round on disk, and re-raises."""
     trials = exp.trials()
+    INTERRUPT_REQUESTED.clear()  # a request from an earlier run in this process is spent
     meta = {"experiment": exp.name, "backend": backend, "trials_planned": len(trials)}
     with RunWriter(out, run_id or new_run_id(exp.name), exp.to_toml(), meta) as writer:
         progress(f"run {writer.run_id}: {len(trials)} trial(s), backend {backend} -> {writer.path}")

@@ -19,6 +19,7 @@ from typing import Protocol
 
 import numpy as np
 
+from orchestrator.errors import INTERRUPT_REQUESTED
 from worker import node, relu
 from worker.node import TrialSpec, WorkerNode
 
@@ -132,6 +133,8 @@ def run_trial(
     pool.start_trial(spec)
     try:
         for r in range(spec.rounds):
+            if INTERRUPT_REQUESTED.is_set():  # a KeyboardInterrupt that was swallowed
+                raise KeyboardInterrupt
             if spec.topology == "ps":
                 down: bytes | None = node.encode_weights(w)
             else:

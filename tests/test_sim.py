@@ -227,3 +227,19 @@ def test_a_hostile_qsgd_header_claiming_a_huge_d_is_refused_before_allocating():
     payload = qsgd.encode(q)  # an all-zero vector of d = 1000: a tiny payload
     with pytest.raises(ValueError):
         node.decode_gradient(payload, spec)  # spec.d = 20
+
+
+def test_an_interrupt_swallowed_by_a_c_extension_still_ends_the_trial_at_the_next_round():
+    from orchestrator.errors import INTERRUPT_REQUESTED, interrupt_handler
+    from orchestrator.trial import TrialInterrupted
+
+    with pytest.raises(KeyboardInterrupt):
+        interrupt_handler(2, None)  # what Ctrl-C runs; pyzmq may swallow the exception
+    assert INTERRUPT_REQUESTED.is_set()
+    rows = []
+    try:
+        with pytest.raises(TrialInterrupted) as e:
+            run_trial(exp().trials()[0].spec, SimPool(), rows.append)
+        assert e.value.result.status == "interrupted" and rows == []
+    finally:
+        INTERRUPT_REQUESTED.clear()

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from orchestrator.config import Experiment
-from orchestrator.errors import RunError
+from orchestrator.errors import RunError, interrupt_handler
 from orchestrator.master import ZmqPool
 
 GRACE_S = 3.0
@@ -95,8 +95,5 @@ def _sigterm_as_interrupt():
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
 
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = signal.signal(signal.SIGTERM, interrupt_handler)
     return lambda: signal.signal(signal.SIGTERM, previous)
