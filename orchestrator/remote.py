@@ -40,7 +40,7 @@ from orchestrator.cluster import Cluster
 from orchestrator.config import Experiment
 from orchestrator.deploy import REMOTE_VENV, Session, SSHTarget
 from orchestrator.errors import ConfigError, RunError, SSHError
-from orchestrator.providers.netns import parse_rate
+from orchestrator.providers.netns import PRESETS, format_rate, parse_rate
 from orchestrator.results import new_run_id
 from worker.node import master_link_bytes
 
@@ -320,17 +320,29 @@ class RemoteRun:
         (dest / "nodes" / "placement.json").write_text(json.dumps(where, indent=1) + "\n")
 
 
+def master_link_rate(cluster: Cluster) -> tuple[str, int] | None:
+    """(label, bit/s) of the master's link where relufit knows it: a netns cluster's shaped
+    rate, or the link preset of an EC2 master's instance type (its sustained baseline)."""
+    for key in ("master_bandwidth", "bandwidth"):
+        text = cluster.extra.get(key)
+        if text and text != "unshaped":
+            return text, parse_rate(text, "cluster bandwidth")
+    itype = cluster.extra.get("master_instance_type") or ""
+    preset = PRESETS.get(f"{itype}-baseline") or PRESETS.get(itype)
+    if preset:
+        return f"{itype} ({format_rate(preset.bits_per_s)} baseline)", preset.bits_per_s
+    return None
+
+
 def check_liveness_window(exp: Experiment, cluster: Cluster) -> None:
     """Refuse, before anything starts, a run whose rounds cannot cross the master's link
     within the liveness window: heartbeats queue behind a message in flight, so every
-    worker would be declared lost (measured on netns). Only where the link rate is known
-    (netns clusters); a ConfigError names the key and the value that would do."""
-    rate = cluster.extra.get("master_bandwidth") or "unshaped"
-    if rate == "unshaped":
-        rate = cluster.extra.get("bandwidth") or "unshaped"
-    if rate == "unshaped":
+    worker would be declared lost (measured on netns). Only where the link rate is known;
+    a ConfigError names the key and the value that would do."""
+    link = master_link_rate(cluster)
+    if link is None:
         return
-    bps = parse_rate(rate, "cluster bandwidth")
+    rate, bps = link
     k = exp.cluster
     window = k.heartbeat_interval * k.heartbeat_liveness
     worst = max(exp.trials(), key=lambda t: master_link_bytes(t.spec))

@@ -480,6 +480,7 @@ def test_cluster_rebuilt_from_tags_after_local_state_is_lost(aws):
     rebuilt = ec2.find_cluster("tags", REGION)
     assert rebuilt.nodes == saved.nodes
     assert rebuilt.extra["security_group"] == saved.extra["security_group"]
+    assert rebuilt.extra["master_instance_type"] == "c5.large"  # run checks its link rate
 
 
 def test_ssh_execs_openssh_with_the_cluster_key(aws, monkeypatch):

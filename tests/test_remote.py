@@ -324,3 +324,15 @@ def test_a_run_whose_rounds_outlast_the_liveness_window_is_refused_before_it_sta
     qs = exp(3, scheme="qsgd")
     assert gradient_bytes(qs.trials()[0].spec) < 4_000_000 / 7
     remote.check_liveness_window(qs, shaped("20mbit"))
+    # EC2: the master instance type's sustained rate (c5.large: 0.75 Gbit/s baseline)
+    ec2 = model.Cluster(name="e", provider="ec2", nodes=(), key_path="/k",
+                        extra={"master_instance_type": "c5.large"})
+    assert remote.master_link_rate(ec2) == ("c5.large (750mbit baseline)", 750_000_000)
+    sixteen = from_dict({"problem": {"d": 1_000_000, "n": 0}, "compress": {"scheme": "none"},
+                         "cluster": {"workers": 16, "topology": "allgather"}}, "wide")
+    with pytest.raises(ConfigError, match="c5.large"):  # 960 MB relayed: ~10 s a round
+        remote.check_liveness_window(sixteen, ec2)
+    remote.check_liveness_window(exp(3), ec2)  # 2 workers: 8 MB, 0.09 s
+    unknown = model.Cluster(name="u", provider="ec2", nodes=(), key_path="/k",
+                            extra={"master_instance_type": "x9.huge"})
+    assert remote.master_link_rate(unknown) is None
