@@ -235,6 +235,7 @@ def cluster_down(name: str, region: str | None) -> None:
 def cluster_status(name: str, region: str | None) -> None:
     """Nodes of cluster NAME: ranks, roles, addresses and states."""
     from orchestrator.cluster import check_name, read_cluster
+    from orchestrator.providers import netns
 
     local = read_cluster(check_name(name, "NAME"))
     if local is not None and local.provider != "ec2":
@@ -242,6 +243,12 @@ def cluster_status(name: str, region: str | None) -> None:
             click.echo(f"{n.rank:>4}  {n.role:<6}  {n.user}@{n.address}:{n.port}  "
                        f"{n.private_address}")
         return
+    if local is None and netns.exists(name):  # down, or an `up` that did not finish
+        if netns.leftovers(name):
+            raise RelufitError(f"netns cluster {name!r} is half made (an `up` did not finish): "
+                               f"`relufit cluster down {name}` removes what is left")
+        raise RelufitError(f"netns cluster {name!r} is down: `relufit cluster up --provider "
+                           f"netns --name {name}` makes it again")
     from orchestrator.providers import ec2
 
     _, rows = ec2.status(name, region)
@@ -258,13 +265,26 @@ def cluster_status(name: str, region: str | None) -> None:
 @region_option
 @click.option("--all-regions", is_flag=True, help="Look in every enabled region.")
 def cluster_list(region: str | None, all_regions: bool) -> None:
-    """Every relufit cluster with running instances: age, size, estimated cost so far."""
+    """Every relufit cluster: the emulated (netns) and hosts clusters recorded here, then
+    EC2 clusters with running instances (age, size, estimated cost so far)."""
     from orchestrator import pricing
+    from orchestrator.cluster import local_clusters
     from orchestrator.providers import ec2
 
-    found = ec2.list_clusters(region, all_regions, echo_progress)
+    mine = [c for c in local_clusters() if c.provider != "ec2"]
+    for c in mine:
+        link = f"  link {c.extra['bandwidth']}" if c.extra.get("bandwidth") else ""
+        click.echo(f"{c.name:<20}  {c.provider:<14}  {len(c.nodes):>9} nodes  "
+                   f"master {c.master.address}{link}")
+    try:
+        found = ec2.list_clusters(region, all_regions, echo_progress)
+    except ConfigError as e:
+        if not mine or e.key != "--region":
+            raise
+        echo_progress(f"(EC2 not searched: {e.why})")
+        return
     if not found:
-        echo_progress("No relufit clusters found.")
+        echo_progress("No EC2 relufit clusters found." if mine else "No relufit clusters found.")
         return
     click.echo(f"{'name':<20}  {'region':<14}  {'instances':>9}  {'age':>7}  {'cost so far':>11}  "
                "types")

@@ -174,6 +174,17 @@ def read_cluster(name: str) -> Cluster | None:
     return cluster_from_dict(json.loads(path.read_text()))
 
 
+def local_clusters() -> list[Cluster]:
+    """Every cluster recorded on this machine, by name (unreadable records are skipped)."""
+    found = []
+    for path in sorted((relufit_home() / "clusters").glob(f"*/{STATE_FILE}")):
+        try:
+            found.append(cluster_from_dict(json.loads(path.read_text())))
+        except (OSError, ValueError, TypeError, KeyError):
+            continue
+    return found
+
+
 def load_cluster(name: str) -> Cluster:
     """The locally recorded cluster ``name``; a RelufitError naming the fix if there is none."""
     c = read_cluster(name)

@@ -127,8 +127,19 @@ def test_saved_as_a_cluster_like_any_other(netns_cluster):
         (h.rank, "master" if h.rank == 0 else "worker", h.address, 22, "root") for h in c.hosts]
     assert saved.known_hosts == c.known_hosts  # pinned already: deploy checks, never trusts
     assert os.stat(c.key_path).st_mode & 0o077 == 0
+    from click.testing import CliRunner
+
+    from orchestrator.cli import cli
+
+    env = {"AWS_REGION": "", "AWS_DEFAULT_REGION": "", "AWS_PROFILE": "relufit-no-such"}
+    listed = CliRunner().invoke(cli, ["cluster", "list"], env=env)
+    assert listed.exit_code == 0, listed.output  # no AWS region: local clusters still listed
+    assert c.name in listed.output and "netns" in listed.output and "EC2 not searched" in (
+        listed.output)
     netns.down(c.name)
     assert read_cluster(c.name) is None
+    status = CliRunner().invoke(cli, ["cluster", "status", c.name], env=env)
+    assert status.exit_code == 1 and "is down" in status.output, status.output
 
 
 def test_host_key_is_checked(netns_cluster, host_ssh, tmp_path):
