@@ -1,0 +1,62 @@
+"""The analysis half of benchmarks/bandwidth.py (no netns needed): the sweep it asks
+relufit for, how it names settings back, time to target, speed-ups and the crossover."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from orchestrator.config import from_dict
+
+_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "bandwidth.py"
+_spec = importlib.util.spec_from_file_location("bandwidth_bench", _PATH)
+bw = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bw)
+
+
+def _toml_inline(text):
+    """The value of relufit's --set sweep.compress=TEXT, as TOML reads it."""
+    import tomllib
+
+    return tomllib.loads(f"v = {text}")["v"]
+
+
+def test_every_setting_round_trips_through_the_sweep_relufit_runs():
+    names = list(bw.SETTINGS)
+    exp = from_dict({"problem": {"d": 1000, "n": 0}, "compress": {"scheme": "none"},
+                     "sweep": {"compress": _toml_inline(bw.sweep_toml(names))}}, "bw")
+    assert [bw.setting_name(t.params) for t in exp.trials()] == names
+
+
+def test_time_to_target_counts_from_the_end_of_round_0():
+    m = {"round": np.arange(5), "elapsed_s": np.array([3.0, 3.1, 3.2, 3.3, 3.4]),
+         "rel_error": np.array([1, 0.1, 1e-3, 1e-7, 1e-8]), "t_compute": np.full(5, 0.01),
+         "t_encode": np.zeros(5), "t_decode": np.zeros(5), "t_network": np.full(5, 0.05),
+         "bytes_up": np.full(5, 100), "bytes_down": np.full(5, 50)}
+    s = bw.summarize({"metrics": m}, 1e-6)
+    assert s["rounds"] == 4 and s["t_target"] == pytest.approx(0.3)  # start-up (3 s) left out
+    assert s["mb"] == pytest.approx(4 * 150 / 1e6) and s["round_ms"] == pytest.approx(100)
+    assert bw.summarize({"metrics": m}, 1e-9)["t_target"] is None
+
+
+def row(link, topo, setting, t):
+    return {"link": link, "d": 10, "topology": topo, "setting": setting, "t_target": t}
+
+
+def test_speedups_and_crossover():
+    rows = [row("100mbit", "allgather", "fp32", 70.0), row("100mbit", "allgather", "q", 20.0),
+            row("100mbit", "ps", "fp32", 24.0), row("100mbit", "mpi-allreduce", "fp32", 10.0),
+            row("1gbit", "allgather", "fp32", 12.0), row("1gbit", "allgather", "q", 16.0),
+            row("1gbit", "ps", "fp32", 11.0), row("1gbit", "ps", "q", None)]
+    bw.add_speedups(rows)
+    q100 = rows[1]
+    assert q100["speedup"] == pytest.approx(3.5) and q100["vs_mpi"] == pytest.approx(0.5)
+    assert q100["vs_best_fp32"] == pytest.approx(24 / 20)  # MPI is not relufit's float32
+    assert rows[-1]["speedup"] is None  # never reached the target
+    lines = bw.crossover(rows, ["100mbit", "1gbit"])
+    assert "allgather: best QSGD speed-up 100mbit: 3.50x, 1gbit: 0.75x -> crossover between "\
+           "100mbit and 1gbit" in lines
+    assert not any(line.startswith("mpi") for line in lines)
