@@ -157,11 +157,9 @@ def run_trial(
             t1 = time.perf_counter()
             master_encode_s = 0.0
             if spec.topology == "broadcast":  # the replicas take this exact step next round
-                update = node.encode_gradient(g, spec, down_rng)
+                update, g = node.encode_mean(g, spec, down_rng)
                 master_encode_s = time.perf_counter() - t1
-                w = node.apply_update(w, update, spec)
-            else:
-                w = w - spec.lr * g
+            w = w - spec.lr * g
             err = relu.rel_error(w, w_star)
             t2 = time.perf_counter()
             relay = ex.replies
@@ -202,17 +200,10 @@ class SimPool:
     def exchange(self, round_: int, down: bytes | None, relay: list[Reply]) -> Exchange:
         replies, bytes_down = [], 0
         for nd in self.nodes:
-            if nd.spec.topology == "ps":
-                w = node.decode_weights(down, nd.spec.d)
-                bytes_down += len(down)
-            elif nd.spec.topology == "broadcast":
-                nd.apply_update(down)
-                w = nd.w
+            w = nd.weights_for_round(down, [rep.payload for rep in relay])
+            if down is not None:
                 bytes_down += len(down)
             else:
-                payloads = [rep.payload for rep in relay]
-                nd.apply(payloads)
-                w = nd.w
                 bytes_down += sum(len(rep.payload) for rep in relay if rep.rank != nd.rank)
             res = nd.step(w, round_)
             replies.append(Reply(nd.rank, res.payload, res.compute_s, res.encode_s))

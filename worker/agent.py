@@ -90,17 +90,13 @@ class _Work:
              others: list[Any]) -> tuple[str, int, int, node.StepResult, float]:
         nd = self.node
         t0 = time.perf_counter()
-        if nd.spec.topology == "ps":  # the master's float32 weights
-            w = node.decode_weights(protocol.buffer(weights), nd.spec.d)
-        elif nd.spec.topology == "broadcast":  # the master's encoded mean of last round
-            nd.apply_update(protocol.buffer(weights))
-            w = nd.w
-        else:  # allgather: re-insert our own last payload among the others, in rank order
+        relayed = []
+        if ranks is not None:  # allgather: re-insert our own last payload, in rank order
             it = iter(others)
-            payloads = [self.last_payload if r == nd.rank else bytes(protocol.buffer(next(it)))
-                        for r in ranks]
-            nd.apply(payloads)
-            w = nd.w
+            relayed = [self.last_payload if r == nd.rank else bytes(protocol.buffer(next(it)))
+                       for r in ranks]
+        down = protocol.buffer(weights) if weights is not None else None
+        w = nd.weights_for_round(down, relayed)
         apply_s = time.perf_counter() - t0 if nd.spec.topology != "ps" else 0.0
         res = nd.step(w, round_)
         self.last_payload = res.payload

@@ -5,8 +5,8 @@ validated here, since it may come from the network). A ``WorkerNode`` holds the
 worker's shard and generators and turns weights into an encoded gradient. The
 aggregation (decode, average in rank order) lives here too, because in the
 ``allgather`` topology every worker applies it to its own replica and must get the
-bit-identical result the master gets; so does ``apply_update``, the step every replica
-takes from the master's encoded mean in the ``broadcast`` topology.
+bit-identical result the master gets; in ``broadcast`` the master steps with the vector
+``encode_mean`` returns, which is exactly what each replica decodes from the same bytes.
 """
 
 from __future__ import annotations
@@ -114,8 +114,22 @@ def encode_gradient(g: np.ndarray, spec: TrialSpec, rng: np.random.Generator) ->
     """float32 for scheme 'none'; QSGD's self-describing payload for 'qsgd'."""
     if spec.scheme == "none":
         return np.asarray(g, dtype="<f4").tobytes()
-    q = qsgd.quantize(g, spec.levels, rng, bucket_size=spec.bucket_size or None)
-    return qsgd.encode(q, coding=spec.coding)
+    return qsgd.encode(_quantize(g, spec, rng), coding=spec.coding)
+
+
+def encode_mean(g: np.ndarray, spec: TrialSpec,
+                rng: np.random.Generator) -> tuple[bytes, np.ndarray]:
+    """broadcast: the master's payload of the mean, and the vector every replica will decode
+    from it (the codec is exact), so the master need not decode its own bytes."""
+    if spec.scheme == "none":
+        g32 = np.asarray(g, dtype="<f4")
+        return g32.tobytes(), g32.astype(np.float64)
+    q = _quantize(g, spec, rng)
+    return qsgd.encode(q, coding=spec.coding), qsgd.dequantize(q)
+
+
+def _quantize(g: np.ndarray, spec: TrialSpec, rng: np.random.Generator) -> qsgd.Quantized:
+    return qsgd.quantize(g, spec.levels, rng, bucket_size=spec.bucket_size or None)
 
 
 def gradient_bytes(spec: TrialSpec) -> int:
@@ -123,9 +137,7 @@ def gradient_bytes(spec: TrialSpec) -> int:
     fixed coding's size, which Elias stays under while s is not far above sqrt(bucket)."""
     if spec.scheme == "none":
         return 4 * spec.d
-    buckets = 1 if spec.bucket_size == 0 else -(-spec.d // spec.bucket_size)
-    bits = spec.d * (1 + spec.levels.bit_length()) + 32 * buckets
-    return qsgd.HEADER_BYTES + -(-bits // 8)
+    return qsgd.fixed_payload_bytes(spec.d, spec.levels, spec.bucket_size)
 
 
 def master_link_bytes(spec: TrialSpec) -> int:
@@ -152,16 +164,6 @@ def aggregate(payloads: list[bytes], spec: TrialSpec) -> np.ndarray:
     for p in payloads:
         total += decode_gradient(p, spec)
     return total / len(payloads)
-
-
-def apply_update(w: np.ndarray, payload: bytes | memoryview, spec: TrialSpec) -> np.ndarray:
-    """broadcast: ``w - lr * mean``, the mean decoded from the master's payload (b"": none yet).
-
-    The master and every worker call this on the same bytes, so replicas stay bit-identical.
-    """
-    if len(payload) == 0:
-        return w
-    return w - spec.lr * decode_gradient(payload, spec)
 
 
 # ---------------------------------------------------------------- the worker
@@ -210,5 +212,20 @@ class WorkerNode:
             self.w = self.w - self.spec.lr * aggregate(payloads, self.spec)
 
     def apply_update(self, payload: bytes | memoryview) -> None:
-        """broadcast: take the step the master took, from its encoded mean."""
-        self.w = apply_update(self.w, payload, self.spec)
+        """broadcast: take the step the master took, from its encoded mean (b"": none yet).
+        The master steps with the vector ``encode_mean`` returned for these bytes."""
+        if len(payload):
+            self.w = self.w - self.spec.lr * decode_gradient(payload, self.spec)
+
+    def weights_for_round(self, down: bytes | memoryview | None,
+                          relayed: list[bytes]) -> np.ndarray:
+        """Where this round's gradient is taken: the master's float32 weights (ps), or the
+        replica after the master's encoded mean (broadcast) or the relayed gradients, own
+        included, in rank order (allgather)."""
+        if self.spec.topology == "ps":
+            return decode_weights(down, self.spec.d)
+        if self.spec.topology == "broadcast":
+            self.apply_update(down)
+        else:
+            self.apply(relayed)
+        return self.w

@@ -61,6 +61,7 @@ __all__ = [
     "encode",
     "decode",
     "encoded_bits",
+    "fixed_payload_bytes",
     "HEADER_BYTES",
     "MAX_D",
     "MAX_LEVELS",
@@ -411,6 +412,12 @@ def encoded_bits(q: Quantized, coding: str = "elias") -> int:
         return norm_bits + q.d * _fixed_width(q.levels)
     _, gap_len, neg, _, z_len = _elias_codes(q.signed_levels)
     return norm_bits + int(gap_len.sum() + len(neg) + z_len.sum())
+
+
+def fixed_payload_bytes(d: int, levels: int, bucket_size: int = 0) -> int:
+    """Bytes of a fixed-coding payload (header included), known before quantizing."""
+    bits = 32 * _n_buckets(d, bucket_size) + d * _fixed_width(levels)
+    return HEADER_BYTES + -(-bits // 8)
 
 
 def _check_coding(coding: str) -> int:
