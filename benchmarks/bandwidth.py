@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from orchestrator.providers.netns import parse_rate
 from orchestrator.results import load_run
 
 SETTINGS = {
@@ -152,7 +153,9 @@ def run_grid(name: str, link: str, exp_file: Path, topologies: list[str], settin
 
 def run_mpi_row(name: str, link: str, d: int, n: int, batch: int, lr: float, rounds: int,
                 target: float) -> dict:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
     from mpi_baseline import run_mpi  # noqa: PLC0415 (optional: needs openmpi and mpi4py)
 
     res = run_mpi(name, d=d, n=n, batch=batch, lr=lr, rounds=rounds, target=target, seed=0)
@@ -258,14 +261,6 @@ def crossover(rows: list[dict], links: list[str]) -> list[str]:
     return out
 
 
-def rate_bps(link: str) -> float:
-    units = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
-    for u, f in units.items():
-        if link.endswith(u):
-            return float(link[: -len(u)]) * f
-    raise ValueError(f"not a rate: {link}")
-
-
 def plot(rows: list[dict], d: int, path: Path) -> None:
     """Time to target against link rate: one line per topology x setting, MPI dashed."""
     import matplotlib  # noqa: PLC0415 (the report extra)
@@ -278,7 +273,7 @@ def plot(rows: list[dict], d: int, path: Path) -> None:
     for r in rows:
         if r["d"] == d and r["t_target"]:
             series.setdefault((r["topology"], r["setting"]), []).append(
-                (rate_bps(r["link"]), r["t_target"]))
+                (parse_rate(r["link"]), r["t_target"]))
     colors = {"ps": "tab:blue", "allgather": "tab:orange", "broadcast": "tab:green",
               "mpi-allreduce": "black"}
     marks = ["o", "s", "^", "v", "D"]
@@ -340,17 +335,10 @@ def main() -> None:
             rows += run_link(link, args, Path(tmp), Path("results"))
             if args.json:  # keep what is measured so far
                 args.json.write_text(json.dumps(rows, indent=1))
-    add_speedups(rows)
-    print("\n" + HEADER)
-    for r in rows:
-        print(fmt(r))
     print()
-    for line in crossover([r for r in rows if r["d"] == args.d], links):
-        print(line)
+    report(rows, args)  # adds the speed-ups, which the final --json keeps
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
-    if args.plot:
-        plot(rows, args.d, args.plot)
 
 
 def report_saved(args: argparse.Namespace) -> None:
@@ -361,6 +349,11 @@ def report_saved(args: argparse.Namespace) -> None:
             if key not in seen:
                 seen.add(key)
                 rows.append(r)
+    report(rows, args)
+
+
+def report(rows: list[dict], args: argparse.Namespace) -> None:
+    """The table with every speed-up, the crossover per topology, and the plot."""
     add_speedups(rows)
     print(HEADER)
     for r in rows:

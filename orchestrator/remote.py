@@ -346,12 +346,13 @@ def check_liveness_window(exp: Experiment, cluster: Cluster) -> None:
     k = exp.cluster
     window = k.heartbeat_interval * k.heartbeat_liveness
     worst = max(exp.trials(), key=lambda t: master_link_bytes(t.spec))
-    seconds = 8 * master_link_bytes(worst.spec) / bps
+    moved = master_link_bytes(worst.spec)
+    seconds = 8 * moved / bps
     if seconds > window:
         need = math.ceil(2 * seconds / k.heartbeat_interval)
         raise ConfigError(
             "cluster.heartbeat_liveness",
-            f"trial {worst.index + 1} moves ~{master_link_bytes(worst.spec) / 1e6:.1f} MB "
+            f"trial {worst.index + 1} moves ~{moved / 1e6:.1f} MB "
             f"through the master's {rate} link in one round (~{seconds:.1f} s), longer than "
             f"heartbeat_interval x heartbeat_liveness = {window:g} s, so its workers would "
             f"be declared lost; set cluster.heartbeat_liveness = {need} or more")
