@@ -157,7 +157,7 @@ def run_trial(
             t1 = time.perf_counter()
             master_encode_s = 0.0
             if spec.topology == "broadcast":  # the replicas take this exact step next round
-                update, g = node.encode_mean(g, spec, down_rng)
+                update, g = node.encode_exact(g, spec, down_rng)
                 master_encode_s = time.perf_counter() - t1
             w = w - spec.lr * g
             err = relu.rel_error(w, w_star)
@@ -200,7 +200,8 @@ class SimPool:
     def exchange(self, round_: int, down: bytes | None, relay: list[Reply]) -> Exchange:
         replies, bytes_down = [], 0
         for nd in self.nodes:
-            w = nd.weights_for_round(down, [rep.payload for rep in relay])
+            w = nd.weights_for_round(
+                down, [None if rep.rank == nd.rank else rep.payload for rep in relay])
             if down is not None:
                 bytes_down += len(down)
             else:

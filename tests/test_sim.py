@@ -107,6 +107,31 @@ def test_broadcast_replicas_take_the_masters_exact_step(compress):
         assert all(r.bytes_down < 3 * 4 * 20 for r in rows[1:])  # the downlink is compressed too
 
 
+@pytest.mark.parametrize("compress", [
+    {"scheme": "none"},
+    {"scheme": "qsgd", "levels": 4, "coding": "elias"},
+    {"scheme": "qsgd", "levels": 16, "coding": "fixed", "bucket_size": 8},
+])
+def test_allgather_replicas_add_their_own_kept_vector_exactly_as_the_master_decodes_it(compress):
+    """A worker does not decode its own payload (it keeps encode_exact's vector); the replicas
+    still hold the master's weights of the round before, bit for bit."""
+    e = exp(cluster={"topology": "allgather"}, compress=compress, train={"lr": 0.3})
+    spec = e.trials()[0].spec
+    pool, rows = ReplicaProbe(relu.planted_weights(spec.d, spec.seed)), []
+    res = run_trial(spec, pool, rows.append)
+    assert res.reached_target
+    for r in range(1, len(rows)):
+        assert pool.seen[r] == [rows[r - 1].rel_error] * 3
+
+
+def test_a_replica_cannot_apply_its_own_gradient_before_sending_one():
+    from worker.node import SpecError, WorkerNode
+
+    nd = WorkerNode(exp(cluster={"topology": "allgather"}).trials()[0].spec, 0)
+    with pytest.raises(SpecError, match="before we sent one"):
+        nd.apply([None, b"x"])
+
+
 def test_broadcast_float32_matches_a_hand_written_loop():
     e = exp(cluster={"topology": "broadcast"}, train={"rounds": 30, "target_rel_error": 0})
     _, rows = run_rows(e)

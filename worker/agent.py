@@ -75,15 +75,14 @@ class _Compute(threading.Thread):
 
 
 class _Work:
-    """What the compute thread owns: the node of the current trial and its last payload."""
+    """What the compute thread owns: the node of the current trial."""
 
     def __init__(self) -> None:
         self.node: WorkerNode | None = None
-        self.last_payload: bytes = b""
 
     def start(self, spec: TrialSpec, rank: int) -> tuple[str, int]:
         self.node = None  # free the last trial's shard before building the next one
-        self.node, self.last_payload = WorkerNode(spec, rank), b""
+        self.node = WorkerNode(spec, rank)
         return ("ready", spec.trial)
 
     def step(self, trial: int, round_: int, weights: Any, ranks: list[int] | None,
@@ -91,15 +90,13 @@ class _Work:
         nd = self.node
         t0 = time.perf_counter()
         relayed = []
-        if ranks is not None:  # allgather: re-insert our own last payload, in rank order
+        if ranks is not None:  # allgather: the others' payloads, ours (None) in rank order
             it = iter(others)
-            relayed = [self.last_payload if r == nd.rank else bytes(protocol.buffer(next(it)))
-                       for r in ranks]
+            relayed = [None if r == nd.rank else protocol.buffer(next(it)) for r in ranks]
         down = protocol.buffer(weights) if weights is not None else None
         w = nd.weights_for_round(down, relayed)
         apply_s = time.perf_counter() - t0 if nd.spec.topology != "ps" else 0.0
         res = nd.step(w, round_)
-        self.last_payload = res.payload
         return ("gradient", trial, round_, res, apply_s)
 
 

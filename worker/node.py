@@ -5,8 +5,10 @@ validated here, since it may come from the network). A ``WorkerNode`` holds the
 worker's shard and generators and turns weights into an encoded gradient. The
 aggregation (decode, average in rank order) lives here too, because in the
 ``allgather`` topology every worker applies it to its own replica and must get the
-bit-identical result the master gets; in ``broadcast`` the master steps with the vector
-``encode_mean`` returns, which is exactly what each replica decodes from the same bytes.
+bit-identical result the master gets. ``encode_exact`` returns the bytes and the vector
+that anyone decodes from them (the codec is exact), so whoever sent a payload never
+decodes it: in ``broadcast`` the master steps with its mean's vector, and in ``allgather``
+a worker adds its own gradient's vector to the ones it decodes from the others.
 """
 
 from __future__ import annotations
@@ -117,10 +119,10 @@ def encode_gradient(g: np.ndarray, spec: TrialSpec, rng: np.random.Generator) ->
     return qsgd.encode(_quantize(g, spec, rng), coding=spec.coding)
 
 
-def encode_mean(g: np.ndarray, spec: TrialSpec,
-                rng: np.random.Generator) -> tuple[bytes, np.ndarray]:
-    """broadcast: the master's payload of the mean, and the vector every replica will decode
-    from it (the codec is exact), so the master need not decode its own bytes."""
+def encode_exact(g: np.ndarray, spec: TrialSpec,
+                 rng: np.random.Generator) -> tuple[bytes, np.ndarray]:
+    """``encode_gradient``'s bytes, and the vector ``decode_gradient`` gives back from them
+    (the codec is exact), so the sender need not decode its own bytes."""
     if spec.scheme == "none":
         g32 = np.asarray(g, dtype="<f4")
         return g32.tobytes(), g32.astype(np.float64)
@@ -158,11 +160,12 @@ def decode_gradient(payload: bytes | memoryview, spec: TrialSpec) -> np.ndarray:
     return qsgd.dequantize(q)
 
 
-def aggregate(payloads: list[bytes], spec: TrialSpec) -> np.ndarray:
-    """Mean of the decoded gradients, summed in the order given (rank order)."""
+def aggregate(payloads: list[bytes | np.ndarray], spec: TrialSpec) -> np.ndarray:
+    """Mean of the decoded gradients, summed in the order given (rank order). An entry may
+    be a vector already decoded (``encode_exact``'s): it adds exactly as its bytes would."""
     total = np.zeros(spec.d)
     for p in payloads:
-        total += decode_gradient(p, spec)
+        total += p if isinstance(p, np.ndarray) else decode_gradient(p, spec)
     return total / len(payloads)
 
 
@@ -189,6 +192,7 @@ class WorkerNode:
         if spec.n > 0:
             self.X, self.y = relu.shard(spec.d, spec.n, spec.seed, rank, spec.workers)
         self.w = np.zeros(spec.d)  # replica, used by the allgather and broadcast topologies
+        self.own: np.ndarray | None = None  # allgather: the vector of our last payload
 
     def gradient(self, w: np.ndarray, round_: int) -> np.ndarray:
         s = self.spec
@@ -203,13 +207,21 @@ class WorkerNode:
         t0 = time.perf_counter()
         g = self.gradient(w, round_)
         t1 = time.perf_counter()
-        payload = encode_gradient(g, self.spec, self.quant_rng)
+        if self.spec.topology == "allgather":  # our own payload comes back next round
+            payload, self.own = encode_exact(g, self.spec, self.quant_rng)
+        else:
+            payload = encode_gradient(g, self.spec, self.quant_rng)
         return StepResult(payload, t1 - t0, time.perf_counter() - t1)
 
-    def apply(self, payloads: list[bytes]) -> None:
-        """allgather: apply the round's relayed gradients to the replica, as the master does."""
-        if payloads:
-            self.w = self.w - self.spec.lr * aggregate(payloads, self.spec)
+    def apply(self, payloads: list[bytes | memoryview | None]) -> None:
+        """allgather: apply the round's gradients, in rank order, to the replica, as the master
+        does. ``None`` stands for our own last gradient, whose vector we kept: one decode less."""
+        if not payloads:
+            return
+        if self.own is None and any(p is None for p in payloads):
+            raise SpecError("asked to apply our own gradient before we sent one")
+        vecs = [self.own if p is None else p for p in payloads]
+        self.w = self.w - self.spec.lr * aggregate(vecs, self.spec)
 
     def apply_update(self, payload: bytes | memoryview) -> None:
         """broadcast: take the step the master took, from its encoded mean (b"": none yet).
@@ -218,10 +230,10 @@ class WorkerNode:
             self.w = self.w - self.spec.lr * decode_gradient(payload, self.spec)
 
     def weights_for_round(self, down: bytes | memoryview | None,
-                          relayed: list[bytes]) -> np.ndarray:
+                          relayed: list[bytes | memoryview | None]) -> np.ndarray:
         """Where this round's gradient is taken: the master's float32 weights (ps), or the
-        replica after the master's encoded mean (broadcast) or the relayed gradients, own
-        included, in rank order (allgather)."""
+        replica after the master's encoded mean (broadcast) or last round's gradients in rank
+        order (allgather; ``None`` in our own rank's place)."""
         if self.spec.topology == "ps":
             return decode_weights(down, self.spec.d)
         if self.spec.topology == "broadcast":
