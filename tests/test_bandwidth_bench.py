@@ -60,3 +60,22 @@ def test_speedups_and_crossover():
     assert "allgather: best QSGD speed-up 100mbit: 3.50x, 1gbit: 0.75x -> crossover between "\
            "100mbit and 1gbit" in lines
     assert not any(line.startswith("mpi") for line in lines)
+
+
+def test_the_compute_floor_script_times_real_worker_processes():
+    """benchmarks/floor.py at a tiny size: two forked workers, the parent their barrier; the
+    three kinds of work, each with a positive median round for rank 0 alone and for all."""
+    import subprocess
+    import sys
+
+    script = _PATH.parent / "floor.py"
+    out = subprocess.run([sys.executable, str(script), "--d", "64", "--n", "256", "--batch", "8",
+                          "--workers", "2", "--rounds", "30", "--repeats", "2"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    rows = [line.split("|")[1:-1] for line in out.stdout.splitlines()
+            if line.startswith("| ") and "work per worker" not in line]
+    assert [r[0].strip() for r in rows] == ["gradient", "+ qsgd, decode 1", "+ qsgd, decode M"]
+    ms = [[float(c.split()[0]) for c in r[1:3]] for r in rows]  # "median [min-max]"
+    assert all(v > 0 for pair in ms for v in pair)
+    assert "2 workers" in out.stdout and "bits per coordinate" in out.stdout

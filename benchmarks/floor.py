@@ -1,0 +1,166 @@
+"""The compute floor of a round: what M workers' own work costs on this machine, no network.
+
+Run: python benchmarks/floor.py [--d 10000] [--n 100000] [--batch 128] [--workers 4]
+    [--rounds 300] [--repeats 5] [--setting s15b128fixed]
+
+M worker processes (fork), each holding its shard exactly as a relufit worker does, meet
+at a barrier once per round (one byte to the parent through a pipe and one byte back: the
+least a synchronous round can cost); between barriers each does only its own work of the round:
+
+- ``gradient``: draw the mini-batch from the shard and take the gradient (what every
+  scheme, MPI's Allreduce included, must do);
+- ``+ qsgd, decode 1``: that, plus quantizing and encoding its gradient and decoding one
+  payload (a ``broadcast`` replica's coding: the master's mean; the master's own decoding
+  and encoding are left out);
+- ``+ qsgd, decode M``: the same, decoding the round's M payloads (an ``allgather``
+  replica's coding).
+
+No bytes move and no master runs, so the median round is a lower bound on any scheme's
+round on this machine at this size: with more workers than cores, it is the cores, not the
+links, that set it. The baseline, in the same run and the same processes: rounds where
+rank 0 alone works (the others only answer the barrier). Blocks of every kind are
+interleaved, so that a noisy spell of the machine hits them alike; each block's median
+drops its first 10 rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import sys
+import time
+from pathlib import Path
+
+# One BLAS thread per process, as the agents run; set before numpy loads OpenBLAS.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.bandwidth import SETTINGS  # noqa: E402
+from worker import node, qsgd, relu  # noqa: E402
+from worker.node import TrialSpec  # noqa: E402
+
+WARMUP = 10
+
+
+def spec_for(args: argparse.Namespace, setting: str) -> TrialSpec:
+    params = {"scheme": "none", "levels": 1, "coding": "elias", "bucket_size": 0}
+    params.update(SETTINGS[setting])
+    return TrialSpec(trial=0, d=args.d, n=args.n, seed=0, workers=args.workers,
+                     batch_size=args.batch, lr=0.0, rounds=args.rounds, target_rel_error=0.0,
+                     topology="allgather", **params)
+
+
+MODES = {"gradient": "gradient", "broadcast": "+ qsgd, decode 1", "allgather": "+ qsgd, decode M"}
+QUIT = 255
+
+
+def work(rank: int, args: argparse.Namespace, up: int, down: int) -> None:
+    """One worker: build the shard, then one round per command byte from the parent
+    (``2 * mode + alone``; in an ``alone`` round only rank 0 works, the others just answer)."""
+    specs = {m: spec_for(args, "fp32" if m == "gradient" else args.setting) for m in MODES}
+    s = specs["gradient"]
+    X, y = relu.shard(s.d, s.n, s.seed, rank, s.workers)
+    w = relu.planted_weights(s.d, 1) * 0.1
+    brng, qrng = relu.batch_rng(0, rank), relu.quant_rng(0, rank)
+    modes = list(MODES)
+    os.write(up, b"r")  # shard built
+    while (cmd := os.read(down, 1)[0]) != QUIT:
+        mode, alone = modes[cmd // 2], cmd % 2
+        if rank == 0 or not alone:
+            spec = specs[mode]
+            g = relu.gradient(w, *relu.minibatch(X, y, spec.batch_size, brng))
+            if mode != "gradient":
+                own = node.encode_gradient(g, spec, qrng)
+                for _ in range(1 if mode == "broadcast" else spec.workers):
+                    node.decode_gradient(own, spec)
+        os.write(up, b"r")
+
+
+class Barrier:
+    """The parent's side: wait for a byte from every worker, then send each a command."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.workers = args.workers
+        self.up_r, self.up_w = os.pipe()
+        self.downs = [os.pipe() for _ in range(self.workers)]
+        ctx = mp.get_context("fork")
+        self.procs = [ctx.Process(target=work, args=(r, args, self.up_w, self.downs[r][0]))
+                      for r in range(self.workers)]
+        for p in self.procs:
+            p.start()
+        self.wait()
+
+    def wait(self) -> float:
+        got = 0
+        while got < self.workers:
+            chunk = os.read(self.up_r, self.workers - got)
+            if not chunk:
+                raise RuntimeError("a worker process died")
+            got += len(chunk)
+        return time.perf_counter()
+
+    def send(self, cmd: int) -> None:
+        for _, wr in self.downs:
+            os.write(wr, bytes([cmd]))
+
+    def block(self, cmd: int, rounds: int) -> float:
+        """Median round (s) over ``rounds`` rounds of ``cmd``, the first WARMUP dropped."""
+        ends = [time.perf_counter()]
+        for _ in range(rounds):
+            self.send(cmd)
+            ends.append(self.wait())
+        return float(np.median(np.diff(ends)[WARMUP:]))
+
+    def close(self) -> None:
+        self.send(QUIT)
+        for p in self.procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+        for fd in (self.up_r, self.up_w, *[f for pair in self.downs for f in pair]):
+            os.close(fd)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--d", type=int, default=10_000)
+    p.add_argument("--n", type=int, default=100_000)
+    p.add_argument("--batch", type=int, default=128, help="per worker")
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=300, help="per block")
+    p.add_argument("--repeats", type=int, default=5, help="blocks of every kind, interleaved")
+    p.add_argument("--setting", default="s15b128fixed", choices=sorted(SETTINGS))
+    args = p.parse_args()
+    print(f"d = {args.d}, n = {args.n}, batch {args.batch} per worker, {args.workers} workers, "
+          f"{os.cpu_count()} CPUs; ms per round: median over {args.repeats} interleaved blocks "
+          f"of {args.rounds} rounds (each block's median; range in brackets)")
+    bar = Barrier(args)
+    got: dict[int, list[float]] = {}
+    try:
+        for _ in range(args.repeats):
+            for cmd in range(2 * len(MODES)):
+                got.setdefault(cmd, []).append(bar.block(cmd, args.rounds))
+    finally:
+        bar.close()
+
+    def cell(v: list[float]) -> str:
+        return f"{np.median(v) * 1e3:.2f} [{min(v) * 1e3:.2f}-{max(v) * 1e3:.2f}]"
+
+    print(f"| work per worker | rank 0 alone | all {args.workers}, barrier per round | ratio |")
+    print("|---|---|---|---|")
+    for i, label in enumerate(MODES.values()):
+        alone, everyone = got[2 * i + 1], got[2 * i]
+        print(f"| {label} | {cell(alone)} | {cell(everyone)} | "
+              f"{np.median(everyone) / np.median(alone):.2f}x |")
+    bits = 8 * qsgd.fixed_payload_bytes(args.d, SETTINGS[args.setting]["levels"],
+                                        SETTINGS[args.setting]["bucket_size"]) / args.d
+    print(f"(qsgd: {args.setting}, {bits:.2f} bits per coordinate on the wire)")
+
+
+if __name__ == "__main__":
+    main()
