@@ -3,6 +3,7 @@
 Run (Linux, root): python benchmarks/bandwidth.py [--links 100mbit,1gbit,10gbit]
     [--topologies ps,allgather,broadcast] [--settings fp32,s16b512fixed,...] [--d 10000]
     [--n 100000] [--batch 128] [--lr 0.045] [--rounds 4000] [--no-mpi] [--per-round-d 1000000]
+    [--no-floor] [--json OUT] [--plot PNG] [--from-json IN ...]
 
 For every link rate it brings up one netns cluster (4 workers + the master's host, name
 prefix ``bwb<pid>-``), deploys once, runs every setting x topology with ``relufit run
@@ -22,6 +23,11 @@ measured in the same run, on the same cluster.
 The crossover bandwidth (above which float32 wins) is bracketed between the measured rates:
 for each topology, the best QSGD speed-up at each rate; the crossover lies between the last
 rate where it is > 1 and the first where it is <= 1.
+
+Last, with no cluster up, benchmarks/floor.py measures the compute floor of a round at
+--d (the workers' own work, no network; ``--no-floor`` skips it), and the report says, per
+link, the time per round that the 4x target and beating MPI would need over the best QSGD
+row's rounds, against that floor: whether the target is within this machine's reach.
 """
 
 from __future__ import annotations
@@ -314,6 +320,8 @@ def main() -> None:
     p.add_argument("--per-round-rounds", type=int, default=8)
     p.add_argument("--per-round-batch", type=int, default=16)
     p.add_argument("--per-round-settings", default="fp32,s15b128fixed")
+    p.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
+                   help="the compute floor at --d (benchmarks/floor.py) and the verdict")
     p.add_argument("--json", type=Path, help="also write the rows here")
     p.add_argument("--plot", type=Path, help="time to target against link rate, as PNG")
     p.add_argument("--from-json", type=Path, nargs="+",
@@ -335,6 +343,8 @@ def main() -> None:
             rows += run_link(link, args, Path(tmp), Path("results"))
             if args.json:  # keep what is measured so far
                 args.json.write_text(json.dumps(rows, indent=1))
+        if args.floor and args.grid:
+            rows.append(run_floor(args, Path(tmp)))
     print()
     report(rows, args)  # adds the speed-ups, which the final --json keeps
     if args.json:
@@ -352,8 +362,58 @@ def report_saved(args: argparse.Namespace) -> None:
     report(rows, args)
 
 
+def run_floor(args: argparse.Namespace, tmp: Path) -> dict:
+    """benchmarks/floor.py at the grid's size, with its first QSGD setting: one row."""
+    qsgd = next((s for s in args.settings.split(",") if s != "fp32"), "s15b128fixed")
+    out = tmp / "floor.json"
+    subprocess.run([sys.executable, str(Path(__file__).with_name("floor.py")), "--d", str(args.d),
+                    "--n", str(args.n), "--batch", str(args.batch), "--workers",
+                    str(args.workers), "--setting", qsgd, "--json", str(out)], check=True)
+    return {"link": "-", "d": args.d, "topology": "floor", "setting": qsgd,
+            **json.loads(out.read_text())}
+
+
+def floor_verdict(rows: list[dict], floor: dict) -> list[str]:
+    """Per link at the floor's d: the time per round that 4x relufit's fastest float32, and
+    beating MPI, would need over the best QSGD row's rounds, against the compute floor of a
+    QSGD round (the gradients and their encoding, the least a QSGD worker does; no decoding,
+    no master, no network)."""
+    grad, least = floor["all_s"]["gradient"], floor["all_s"]["encode"]
+    out = [f"compute floor (benchmarks/floor.py, {floor['workers']} workers on "
+           f"{floor['cpus']} CPUs, no network): gradients {grad * 1e3:.2f} ms a round, and "
+           f"encoding them ({floor['setting']}) {least * 1e3:.2f} ms"]
+    for link in dict.fromkeys(r["link"] for r in rows if r["d"] == floor["d"]):
+        same = [r for r in rows if r["link"] == link and r["d"] == floor["d"] and r["t_target"]]
+        fp32 = [r["t_target"] for r in same
+                if r["setting"] == "fp32" and r["topology"] != "mpi-allreduce"]
+        qsgd = [r for r in same if r["setting"] != "fp32"]
+        mpi = [r["t_target"] for r in same if r["topology"] == "mpi-allreduce"]
+        if not fp32 or not qsgd:
+            continue
+        best = min(qsgd, key=lambda r: r["t_target"])
+        goals = [("4x relufit's fastest float32", min(fp32) / 4)]
+        if mpi:
+            goals.append(("beating MPI", mpi[0]))
+        for goal, seconds in goals:
+            need = seconds / best["rounds"]
+            if need < least:
+                verdict = "out of reach on this machine"
+            elif need < 1.25 * least:
+                verdict = (f"at the floor: {100 * (need / least - 1):.0f}% left for the master "
+                           f"and the messages")
+            else:
+                verdict = "above the floor: within reach of a cheaper round"
+            out.append(f"{link}: {goal} needs <= {need * 1e3:.2f} ms a round over the best QSGD "
+                       f"row's {best['rounds']} rounds ({best['topology']} {best['setting']}); "
+                       f"the floor is {least * 1e3:.2f} ms -> {verdict}")
+    return out
+
+
 def report(rows: list[dict], args: argparse.Namespace) -> None:
-    """The table with every speed-up, the crossover per topology, and the plot."""
+    """The table with every speed-up, the crossover per topology, the verdict against the
+    compute floor, and the plot."""
+    floors = [r for r in rows if r["topology"] == "floor"]
+    rows = [r for r in rows if r["topology"] != "floor"]
     add_speedups(rows)
     print(HEADER)
     for r in rows:
@@ -362,6 +422,10 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
     links = list(dict.fromkeys(r["link"] for r in rows))
     for line in crossover([r for r in rows if r["d"] == args.d], links):
         print(line)
+    for floor in floors:
+        print()
+        for line in floor_verdict(rows, floor):
+            print(line)
     if args.plot:
         plot(rows, args.d, args.plot)
 

@@ -1,7 +1,7 @@
 """The compute floor of a round: what M workers' own work costs on this machine, no network.
 
 Run: python benchmarks/floor.py [--d 10000] [--n 100000] [--batch 128] [--workers 4]
-    [--rounds 300] [--repeats 5] [--setting s15b128fixed]
+    [--rounds 300] [--repeats 5] [--setting s15b128fixed] [--json OUT]
 
 M worker processes (fork), each holding its shard exactly as a relufit worker does, meet
 at a barrier once per round (one byte to the parent through a pipe and one byte back: the
@@ -9,9 +9,10 @@ least a synchronous round can cost); between barriers each does only its own wor
 
 - ``gradient``: draw the mini-batch from the shard and take the gradient (what every
   scheme, MPI's Allreduce included, must do);
-- ``+ qsgd, decode 1``: that, plus quantizing and encoding its gradient and decoding one
-  payload (a ``broadcast`` replica's coding: the master's mean; the master's own decoding
-  and encoding are left out);
+- ``+ qsgd encode``: that, plus quantizing and encoding its gradient (the least a worker
+  of any QSGD scheme does: a ``ps`` worker; the master's decoding is left out);
+- ``+ qsgd, decode 1``: the same, and decoding one payload (a ``broadcast`` replica's
+  coding: the master's mean; the master's own decoding and encoding are left out);
 - ``+ qsgd, decode M``: the same, decoding the round's M payloads (an ``allgather``
   replica's coding).
 
@@ -26,6 +27,7 @@ drops its first 10 rounds.
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import os
 import sys
@@ -55,7 +57,9 @@ def spec_for(args: argparse.Namespace, setting: str) -> TrialSpec:
                      topology="allgather", **params)
 
 
-MODES = {"gradient": "gradient", "broadcast": "+ qsgd, decode 1", "allgather": "+ qsgd, decode M"}
+MODES = {"gradient": "gradient", "encode": "+ qsgd encode", "broadcast": "+ qsgd, decode 1",
+         "allgather": "+ qsgd, decode M"}
+DECODES = {"gradient": 0, "encode": 0, "broadcast": 1}  # allgather: M
 QUIT = 255
 
 
@@ -76,7 +80,7 @@ def work(rank: int, args: argparse.Namespace, up: int, down: int) -> None:
             g = relu.gradient(w, *relu.minibatch(X, y, spec.batch_size, brng))
             if mode != "gradient":
                 own = node.encode_gradient(g, spec, qrng)
-                for _ in range(1 if mode == "broadcast" else spec.workers):
+                for _ in range(DECODES.get(mode, spec.workers)):
                     node.decode_gradient(own, spec)
         os.write(up, b"r")
 
@@ -135,6 +139,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=300, help="per block")
     p.add_argument("--repeats", type=int, default=5, help="blocks of every kind, interleaved")
     p.add_argument("--setting", default="s15b128fixed", choices=sorted(SETTINGS))
+    p.add_argument("--json", type=Path, help="also write the medians (s) here, per kind of work")
     args = p.parse_args()
     print(f"d = {args.d}, n = {args.n}, batch {args.batch} per worker, {args.workers} workers, "
           f"{os.cpu_count()} CPUs; ms per round: median over {args.repeats} interleaved blocks "
@@ -160,6 +165,13 @@ def main() -> None:
     bits = 8 * qsgd.fixed_payload_bytes(args.d, SETTINGS[args.setting]["levels"],
                                         SETTINGS[args.setting]["bucket_size"]) / args.d
     print(f"(qsgd: {args.setting}, {bits:.2f} bits per coordinate on the wire)")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "d": args.d, "n": args.n, "batch": args.batch, "workers": args.workers,
+            "setting": args.setting, "cpus": os.cpu_count(),
+            "alone_s": {m: float(np.median(got[2 * i + 1])) for i, m in enumerate(MODES)},
+            "all_s": {m: float(np.median(got[2 * i])) for i, m in enumerate(MODES)},
+        }, indent=1))
 
 
 if __name__ == "__main__":

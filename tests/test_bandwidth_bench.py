@@ -3,7 +3,9 @@ relufit for, how it names settings back, time to target, speed-ups and the cross
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +64,7 @@ def test_speedups_and_crossover():
     assert not any(line.startswith("mpi") for line in lines)
 
 
-def test_the_compute_floor_script_times_real_worker_processes():
+def test_the_compute_floor_script_times_real_worker_processes(tmp_path):
     """benchmarks/floor.py at a tiny size: two forked workers, the parent their barrier; the
     three kinds of work, each with a positive median round for rank 0 alone and for all."""
     import subprocess
@@ -70,12 +72,54 @@ def test_the_compute_floor_script_times_real_worker_processes():
 
     script = _PATH.parent / "floor.py"
     out = subprocess.run([sys.executable, str(script), "--d", "64", "--n", "256", "--batch", "8",
-                          "--workers", "2", "--rounds", "30", "--repeats", "2"],
+                          "--workers", "2", "--rounds", "30", "--repeats", "2",
+                          "--json", str(tmp_path / "floor.json")],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     rows = [line.split("|")[1:-1] for line in out.stdout.splitlines()
             if line.startswith("| ") and "work per worker" not in line]
-    assert [r[0].strip() for r in rows] == ["gradient", "+ qsgd, decode 1", "+ qsgd, decode M"]
+    assert [r[0].strip() for r in rows] == ["gradient", "+ qsgd encode", "+ qsgd, decode 1",
+                                            "+ qsgd, decode M"]
     ms = [[float(c.split()[0]) for c in r[1:3]] for r in rows]  # "median [min-max]"
     assert all(v > 0 for pair in ms for v in pair)
     assert "2 workers" in out.stdout and "bits per coordinate" in out.stdout
+    saved = json.loads((tmp_path / "floor.json").read_text())
+    assert saved["workers"] == 2 and set(saved["all_s"]) == {"gradient", "encode", "broadcast",
+                                                             "allgather"}
+    assert saved["all_s"]["encode"] == pytest.approx(float(rows[1][2].split()[0]) / 1e3,
+                                                     abs=6e-6)  # the table's row, in seconds
+
+
+def _row(topology, setting, t, rounds, link="100mbit", d=10_000):
+    return {"link": link, "d": d, "topology": topology, "setting": setting, "t_target": t,
+            "rounds": rounds, "per_round": False, "round_ms": 1.0, "compute_ms": 0.5,
+            "coding_ms": 0.1, "network_ms": 0.4, "mb": 1.0, "final": 1e-7}
+
+
+FLOOR = {"link": "-", "d": 10_000, "topology": "floor", "setting": "s15b128fixed",
+         "workers": 4, "cpus": 2, "alone_s": {}, "all_s": {"gradient": 4.46e-3,
+                                                           "encode": 5.2e-3}}
+
+
+def test_the_floor_verdict_divides_the_goal_by_the_best_qsgd_rows_rounds():
+    rows = [_row("broadcast", "fp32", 23.64, 1741), _row("ps", "fp32", 23.86, 1741),
+            _row("broadcast", "s15b128fixed", 16.38, 1866),
+            _row("allgather", "s15b128fixed", 18.64, 1801),
+            _row("mpi-allreduce", "fp32", 9.16, 1741)]
+    head, four, mpi = bw.floor_verdict(rows, FLOOR)
+    assert "4.46 ms" in head and "5.20 ms" in head
+    assert "<= 3.17 ms" in four and "1866 rounds" in four and "out of reach" in four
+    assert "<= 4.91 ms" in mpi and "out of reach" in mpi
+    near = {**FLOOR, "all_s": {"gradient": 4e-3, "encode": 4.5e-3}}
+    assert "at the floor: 9% left" in bw.floor_verdict(rows, near)[2]
+    fast = {**FLOOR, "all_s": {"gradient": 1e-3, "encode": 2e-3}}
+    assert all("within reach" in line for line in bw.floor_verdict(rows, fast)[1:])
+
+
+def test_the_report_keeps_the_floor_row_out_of_the_table(capsys):
+    rows = [_row("broadcast", "fp32", 23.64, 1741),
+            _row("broadcast", "s15b128fixed", 16.38, 1866), dict(FLOOR)]
+    bw.report(rows, argparse.Namespace(d=10_000, plot=None))
+    out = capsys.readouterr().out
+    assert "| floor |" not in out and "out of reach on this machine" in out
+    assert "| 100mbit | 1e+04 | broadcast | s15b128fixed |" in out
