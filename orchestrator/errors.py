@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class RelufitError(Exception):
@@ -45,9 +47,25 @@ class RunError(RelufitError):
 # the run would go on until killed; the flag survives it, and run_trial raises it again at
 # the next round.
 INTERRUPT_REQUESTED = threading.Event()
+_DEFERRING = [0]  # > 0: inside deferred_interrupts(), where the handler only notes a request
 
 
 def interrupt_handler(signum: int, frame: object) -> None:
-    """Signal handler for SIGINT and SIGTERM: note the request, then interrupt."""
+    """Signal handler for SIGINT and SIGTERM: note the request, then interrupt (at once, or
+    at the end of a ``deferred_interrupts`` section)."""
     INTERRUPT_REQUESTED.set()
-    raise KeyboardInterrupt
+    if not _DEFERRING[0]:
+        raise KeyboardInterrupt
+
+
+@contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """A section that Ctrl-C or SIGTERM must not cut in two (a round's row handed on and the
+    round counted); a request made inside it raises KeyboardInterrupt as the section ends."""
+    _DEFERRING[0] += 1
+    try:
+        yield
+    finally:
+        _DEFERRING[0] -= 1
+    if not _DEFERRING[0] and INTERRUPT_REQUESTED.is_set():
+        raise KeyboardInterrupt

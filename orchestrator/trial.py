@@ -19,7 +19,7 @@ from typing import Protocol
 
 import numpy as np
 
-from orchestrator.errors import INTERRUPT_REQUESTED
+from orchestrator.errors import INTERRUPT_REQUESTED, deferred_interrupts
 from worker import node, relu
 from worker.node import TrialSpec, WorkerNode
 
@@ -163,16 +163,18 @@ def run_trial(
             err = relu.rel_error(w, w_star)
             t2 = time.perf_counter()
             relay = ex.replies
-            totals["up"] += ex.bytes_up
-            totals["down"] += ex.bytes_down
-            rounds_done = r + 1
-            on_round(RoundRow(
+            row = RoundRow(
                 spec.trial, r, time.perf_counter() - start, err, relu.population_loss(w, w_star),
                 ex.bytes_up, ex.bytes_down, len(ex.replies),
                 max(rep.compute_s for rep in ex.replies),
                 max(rep.encode_s for rep in ex.replies) + master_encode_s,
                 ex.network_s, t1 - t0, t2 - t1 - master_encode_s,
-            ))
+            )
+            with deferred_interrupts():  # on Ctrl-C the rows handed on and the count agree
+                totals["up"] += ex.bytes_up
+                totals["down"] += ex.bytes_down
+                rounds_done = r + 1
+                on_round(row)
             if not np.isfinite(err) or err > DIVERGED:
                 raise TrialFailed(f"diverged in round {r} (rel_error {err}); lower train.lr")
             if spec.target_rel_error > 0 and err <= spec.target_rel_error:

@@ -268,3 +268,25 @@ def test_an_interrupt_swallowed_by_a_c_extension_still_ends_the_trial_at_the_nex
         assert e.value.result.status == "interrupted" and rows == []
     finally:
         INTERRUPT_REQUESTED.clear()
+
+
+def test_an_interrupt_while_a_row_is_handed_on_keeps_rows_and_count_in_step():
+    """Ctrl-C landing inside on_round (say, mid CSV write) waits for the row and its count,
+    then ends the trial: the result's rounds equal the rows received."""
+    from orchestrator.errors import INTERRUPT_REQUESTED, interrupt_handler
+    from orchestrator.trial import TrialInterrupted
+
+    rows = []
+
+    def on_round(row):
+        if row.round == 5:
+            interrupt_handler(2, None)  # the signal arrives before the row is written
+        rows.append(row)
+
+    try:
+        with pytest.raises(TrialInterrupted) as e:
+            run_trial(exp(train={"target_rel_error": 0}).trials()[0].spec, SimPool(), on_round)
+        assert e.value.result.rounds == len(rows) == 6
+        assert e.value.result.total_bytes_up == sum(r.bytes_up for r in rows)
+    finally:
+        INTERRUPT_REQUESTED.clear()
