@@ -135,7 +135,7 @@ def test_sigint_to_relufit_run_leaves_no_process_and_keeps_every_round(tmp_path)
         metrics = None
         while time.monotonic() < deadline:
             found = list(out.glob("*/metrics.csv"))
-            if found and sum(1 for _ in open(found[0])) > 20:
+            if found and sum(1 for _ in open(found[0])) - 1 > 20:  # rows, not the header
                 metrics = found[0]
                 break
             time.sleep(0.05)
