@@ -1,6 +1,7 @@
 """QSGD codec speed: encode/decode times against a copy of the same float32 vector.
 
 Run: python benchmarks/codec.py [--repeats N] [--dims 10000,100000,1000000] [--clock cpu|wall]
+                                [--aggregate-workers 4,16]
 
 For each d and s it prints median times (ms) of quantize, encode and decode for both
 codings, bits per coordinate (payload bytes * 8 / d, header included), and each time as a
@@ -8,6 +9,11 @@ ratio to ``v.copy()`` of the float32 gradient, measured in the same run just bef
 The input is a Gaussian vector (a mini-batch gradient of the planted ReLU is one too).
 Times are this process's CPU time by default (``time.process_time``, nanosecond clock):
 on a shared machine the wall clock mostly measures the other processes' load.
+
+Then, for d >= 1e5, the master's ``node.aggregate`` of M payloads (bucket 128, s = 16 Elias
+and s = 15 fixed), wall clock: decoded in turn (the baseline) against decoded on one thread
+per CPU (``node.PARALLEL_DECODE_MIN_D`` set for each), alternated, same payloads, same run:
+the evidence for the thresholds in ``node.PARALLEL_DECODE_MIN_D``.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import time
 
 import numpy as np
 
-from worker import qsgd
+from worker import node, qsgd
 
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 clock = CLOCKS["cpu"]
@@ -55,11 +61,35 @@ def bench_one(d: int, s: int, repeats: int, rng: np.random.Generator) -> list[st
     return rows
 
 
+def bench_aggregate(d: int, m: int, repeats: int) -> list[str]:
+    """node.aggregate of m payloads at d: in turn against on threads (wall clock, ms)."""
+    rows, threshold_before = [], node.PARALLEL_DECODE_MIN_D
+    for levels, coding in ((16, "elias"), (15, "fixed")):
+        spec = node.TrialSpec(d=d, n=0, workers=m, scheme="qsgd", levels=levels, coding=coding,
+                              bucket_size=128)
+        rng = np.random.default_rng(d + m)
+        payloads = [node.encode_gradient(rng.standard_normal(d), spec, rng) for _ in range(m)]
+        times: dict[str, list[float]] = {"serial": [], "threads": []}
+        for _ in range(repeats):  # alternated, so that a busy spell hits both alike
+            for label, threshold in (("serial", 1 << 62), ("threads", 0)):
+                node.PARALLEL_DECODE_MIN_D = {"elias": threshold, "fixed": threshold}
+                t0 = time.perf_counter()
+                node.aggregate(payloads, spec)
+                times[label].append(time.perf_counter() - t0)
+        node.PARALLEL_DECODE_MIN_D = threshold_before
+        serial, threaded = (float(np.median(times[k])) for k in ("serial", "threads"))
+        _, threads = node._decoder()  # noqa: SLF001 (the thread count, for the table)
+        rows.append(f"| {d:>9,} | {m:>3} | {coding:5} | {threads} | {serial * 1e3:8.1f} "
+                    f"| {threaded * 1e3:8.1f} | {serial / threaded:5.2f}x |")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--dims", default="10000,100000,1000000")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--aggregate-workers", default="4,16", help="M for the aggregate table")
     ap.add_argument(
         "--clock",
         choices=sorted(CLOCKS),
@@ -79,6 +109,14 @@ def main() -> None:
         for s in sorted({1, 4, 16, math.isqrt(d)}):
             for row in bench_one(d, s, args.repeats, rng):
                 print(row, flush=True)
+    big = [d for d in (int(x) for x in args.dims.split(",")) if d >= 100_000]
+    if big:
+        print("\n| d | M | coding | threads | in turn ms | on threads ms | speed-up |")
+        print("|" + "---|" * 7)
+        for d in big:
+            for m in (int(x) for x in args.aggregate_workers.split(",")):
+                for row in bench_aggregate(d, m, args.repeats):
+                    print(row, flush=True)
 
 
 if __name__ == "__main__":

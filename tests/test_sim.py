@@ -290,3 +290,35 @@ def test_an_interrupt_while_a_row_is_handed_on_keeps_rows_and_count_in_step():
         assert e.value.result.total_bytes_up == sum(r.bytes_up for r in rows)
     finally:
         INTERRUPT_REQUESTED.clear()
+
+
+@pytest.mark.parametrize("compress", [
+    {"scheme": "none"},
+    {"scheme": "qsgd", "levels": 16, "coding": "elias", "bucket_size": 128},
+    {"scheme": "qsgd", "levels": 15, "coding": "fixed", "bucket_size": 128},
+])
+def test_decoding_on_threads_adds_the_same_bits_as_decoding_in_turn(monkeypatch, compress):
+    import os
+
+    from worker import node
+
+    spec = exp(problem={"d": 3000}, compress=compress, cluster={"workers": 5}).trials()[0].spec
+    rng = np.random.default_rng(0)
+    grads = [rng.standard_normal(spec.d) * 10.0 ** -k for k in range(5)]
+    payloads = [node.encode_gradient(g, spec, np.random.default_rng(k))
+                for k, g in enumerate(grads)]
+    payloads[2] = node.encode_exact(grads[2], spec, np.random.default_rng(2))[1]  # a kept vector
+    monkeypatch.setattr(node, "PARALLEL_DECODE_MIN_D", {"elias": 10**9, "fixed": 10**9})
+    serial = node.aggregate(payloads, spec)
+    monkeypatch.setattr(node, "PARALLEL_DECODE_MIN_D", {"elias": 1, "fixed": 1})
+    pools, real = [], node._decoder
+    monkeypatch.setattr(node, "_decoder", lambda: pools.append(real()) or pools[-1])
+    threaded = node.aggregate(payloads, spec)
+    assert threaded.tobytes() == serial.tobytes()
+    assert len(pools) == (compress["scheme"] == "qsgd")  # float32 is never threaded
+    if pools and len(os.sched_getaffinity(0)) > 1:
+        assert pools[0][0] is not None and pools[0][1] > 1  # a pool of threads did the work
+    bad = list(payloads)
+    bad[3] = bytes(payloads[3][:-7]) if compress["scheme"] == "qsgd" else b"\0" * 5
+    with pytest.raises(ValueError):
+        node.aggregate(bad, spec)
