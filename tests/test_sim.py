@@ -322,3 +322,50 @@ def test_decoding_on_threads_adds_the_same_bits_as_decoding_in_turn(monkeypatch,
     bad[3] = bytes(payloads[3][:-7]) if compress["scheme"] == "qsgd" else b"\0" * 5
     with pytest.raises(ValueError):
         node.aggregate(bad, spec)
+
+
+def test_a_forked_child_decodes_on_threads_of_its_own():
+    """The decoding threads do not survive fork(); a child that inherited the pool would
+    wait on it forever, so it starts without one."""
+    import os
+    import select
+    import signal
+    import time
+
+    from worker import node
+
+    spec = exp(problem={"d": 2000}, compress={"scheme": "qsgd", "levels": 4, "coding": "elias"},
+               cluster={"workers": 3}).trials()[0].spec
+    rng = np.random.default_rng(1)
+    payloads = [node.encode_gradient(rng.standard_normal(spec.d), spec, rng) for _ in range(3)]
+    saved = dict(node.PARALLEL_DECODE_MIN_D)
+    node.PARALLEL_DECODE_MIN_D.update(elias=1)
+    try:
+        want = node.aggregate(payloads, spec)  # the parent's pool exists from here on
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: aggregate again, send the bytes back, leave at once
+            try:
+                os.write(w, node.aggregate(payloads, spec).tobytes())
+            finally:
+                os._exit(0)
+        os.close(w)
+        got, deadline = b"", time.monotonic() + 30
+        try:
+            while time.monotonic() < deadline:
+                if select.select([r], [], [], 0.5)[0]:
+                    chunk = os.read(r, 1 << 16)
+                    if not chunk:
+                        break
+                    got += chunk
+            else:
+                pytest.fail("the forked child hung on the parent's decoding threads")
+        finally:
+            os.close(r)
+            if os.waitpid(pid, os.WNOHANG) == (0, 0):  # still there: ours to end
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+        assert got == want.tobytes()
+    finally:
+        node.PARALLEL_DECODE_MIN_D.clear()
+        node.PARALLEL_DECODE_MIN_D.update(saved)

@@ -168,6 +168,8 @@ def decode_gradient(payload: bytes | memoryview, spec: TrialSpec) -> np.ndarray:
 # (0.62-0.79x: a decode there is a fraction of a millisecond). float32 is never threaded.
 PARALLEL_DECODE_MIN_D = {"elias": 100_000, "fixed": 1_000_000}
 _decoders: list[tuple[ThreadPoolExecutor | None, int]] = []
+if hasattr(os, "register_at_fork"):  # a forked child has none of our threads: it makes its own
+    os.register_at_fork(after_in_child=_decoders.clear)
 
 
 def _decoder() -> tuple[ThreadPoolExecutor | None, int]:
