@@ -12,8 +12,8 @@ on a shared machine the wall clock mostly measures the other processes' load.
 
 Then, for d >= 1e5, the master's ``node.aggregate`` of M payloads (bucket 128, s = 16 Elias
 and s = 15 fixed), wall clock: decoded in turn (the baseline) against decoded on one thread
-per CPU (``node.PARALLEL_DECODE_MIN_D`` set for each), alternated, same payloads, same run:
-the evidence for the thresholds in ``node.PARALLEL_DECODE_MIN_D``.
+per CPU (``node.PARALLEL_DECODE_MIN_BYTES`` set for each), alternated, same payloads, same
+run: the evidence for the thresholds in ``node.PARALLEL_DECODE_MIN_BYTES``.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def bench_one(d: int, s: int, repeats: int, rng: np.random.Generator) -> list[st
 
 def bench_aggregate(d: int, m: int, repeats: int) -> list[str]:
     """node.aggregate of m payloads at d: in turn against on threads (wall clock, ms)."""
-    rows, threshold_before = [], node.PARALLEL_DECODE_MIN_D
+    rows, threshold_before = [], node.PARALLEL_DECODE_MIN_BYTES
     for levels, coding in ((16, "elias"), (15, "fixed")):
         spec = node.TrialSpec(d=d, n=0, workers=m, scheme="qsgd", levels=levels, coding=coding,
                               bucket_size=128)
@@ -72,11 +72,11 @@ def bench_aggregate(d: int, m: int, repeats: int) -> list[str]:
         times: dict[str, list[float]] = {"serial": [], "threads": []}
         for _ in range(repeats):  # alternated, so that a busy spell hits both alike
             for label, threshold in (("serial", 1 << 62), ("threads", 0)):
-                node.PARALLEL_DECODE_MIN_D = {"elias": threshold, "fixed": threshold}
+                node.PARALLEL_DECODE_MIN_BYTES = {"elias": threshold, "fixed": threshold}
                 t0 = time.perf_counter()
                 node.aggregate(payloads, spec)
                 times[label].append(time.perf_counter() - t0)
-        node.PARALLEL_DECODE_MIN_D = threshold_before
+        node.PARALLEL_DECODE_MIN_BYTES = threshold_before
         serial, threaded = (float(np.median(times[k])) for k in ("serial", "threads"))
         _, threads = node._decoder()  # noqa: SLF001 (the thread count, for the table)
         rows.append(f"| {d:>9,} | {m:>3} | {coding:5} | {threads} | {serial * 1e3:8.1f} "

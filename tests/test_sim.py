@@ -308,11 +308,14 @@ def test_decoding_on_threads_adds_the_same_bits_as_decoding_in_turn(monkeypatch,
     payloads = [node.encode_gradient(g, spec, np.random.default_rng(k))
                 for k, g in enumerate(grads)]
     payloads[2] = node.encode_exact(grads[2], spec, np.random.default_rng(2))[1]  # a kept vector
-    monkeypatch.setattr(node, "PARALLEL_DECODE_MIN_D", {"elias": 10**9, "fixed": 10**9})
+    monkeypatch.setattr(node, "PARALLEL_DECODE_MIN_BYTES", {"elias": 10**9, "fixed": 10**9})
     serial = node.aggregate(payloads, spec)
-    monkeypatch.setattr(node, "PARALLEL_DECODE_MIN_D", {"elias": 1, "fixed": 1})
+    monkeypatch.undo()  # back to the real thresholds: payloads of a few kB stay in turn
     pools, real = [], node._decoder
     monkeypatch.setattr(node, "_decoder", lambda: pools.append(real()) or pools[-1])
+    node.aggregate(payloads, spec)
+    assert pools == []
+    monkeypatch.setattr(node, "PARALLEL_DECODE_MIN_BYTES", {"elias": 1, "fixed": 1})
     threaded = node.aggregate(payloads, spec)
     assert threaded.tobytes() == serial.tobytes()
     assert len(pools) == (compress["scheme"] == "qsgd")  # float32 is never threaded
@@ -338,8 +341,8 @@ def test_a_forked_child_decodes_on_threads_of_its_own():
                cluster={"workers": 3}).trials()[0].spec
     rng = np.random.default_rng(1)
     payloads = [node.encode_gradient(rng.standard_normal(spec.d), spec, rng) for _ in range(3)]
-    saved = dict(node.PARALLEL_DECODE_MIN_D)
-    node.PARALLEL_DECODE_MIN_D.update(elias=1)
+    saved = dict(node.PARALLEL_DECODE_MIN_BYTES)
+    node.PARALLEL_DECODE_MIN_BYTES.update(elias=1)
     try:
         want = node.aggregate(payloads, spec)  # the parent's pool exists from here on
         r, w = os.pipe()
@@ -367,5 +370,5 @@ def test_a_forked_child_decodes_on_threads_of_its_own():
                 os.waitpid(pid, 0)
         assert got == want.tobytes()
     finally:
-        node.PARALLEL_DECODE_MIN_D.clear()
-        node.PARALLEL_DECODE_MIN_D.update(saved)
+        node.PARALLEL_DECODE_MIN_BYTES.clear()
+        node.PARALLEL_DECODE_MIN_BYTES.update(saved)

@@ -162,11 +162,13 @@ def decode_gradient(payload: bytes | memoryview, spec: TrialSpec) -> np.ndarray:
     return qsgd.dequantize(q)
 
 
-# From these d on, decoding the M payloads of a round on one thread per CPU pays
-# (benchmarks/codec.py, 2 CPUs): Elias 1.08x at d = 1e5 and 1.77x at 1e6 (~74 ms a payload,
-# numpy releasing the GIL for most of it); fixed only 1.08-1.10x at 1e6 and slower at 1e5
-# (0.62-0.79x: a decode there is a fraction of a millisecond). float32 is never threaded.
-PARALLEL_DECODE_MIN_D = {"elias": 100_000, "fixed": 1_000_000}
+# From payloads of this size on, decoding the M payloads of a round on one thread per CPU
+# pays (benchmarks/codec.py, 2 CPUs; a decode's cost follows its stream's length): Elias
+# at d = 1e6, bucket 128 (~440 kB, ~74 ms a payload, numpy releasing the GIL for most of
+# it) 1.77x, at d = 1e5 (~44 kB) 1.08x, unbucketed at d = 1e6 (~22 kB, ~1.5 ms) no gain;
+# fixed at d = 1e6 (~660 kB) 1.08-1.10x, at d = 1e5 (~66 kB) slower, 0.62-0.79x.
+# float32 is never threaded.
+PARALLEL_DECODE_MIN_BYTES = {"elias": 100_000, "fixed": 500_000}
 _decoders: list[tuple[ThreadPoolExecutor | None, int]] = []
 if hasattr(os, "register_at_fork"):  # a forked child has none of our threads: it makes its own
     os.register_at_fork(after_in_child=_decoders.clear)
@@ -187,13 +189,14 @@ def aggregate(payloads: list[bytes | memoryview | np.ndarray], spec: TrialSpec) 
     """Mean of the decoded gradients, summed in the order given (rank order). An entry may
     be a vector already decoded (``encode_exact``'s): it adds exactly as its bytes would.
 
-    At large d (``PARALLEL_DECODE_MIN_D``) QSGD payloads are decoded a few at a time on
+    Large QSGD payloads (``PARALLEL_DECODE_MIN_BYTES``) are decoded a few at a time on
     threads (as many at once as
     there are threads, so memory stays at that many vectors), and still added in order:
     the result is bit for bit the serial one."""
     pool, step = None, 1
-    if (spec.scheme == "qsgd" and len(payloads) > 1
-            and spec.d >= PARALLEL_DECODE_MIN_D[spec.coding]):
+    coded = [memoryview(p).nbytes for p in payloads if not isinstance(p, np.ndarray)]
+    if (spec.scheme == "qsgd" and len(coded) > 1
+            and max(coded) >= PARALLEL_DECODE_MIN_BYTES[spec.coding]):
         pool, step = _decoder()
 
     def vector(p: bytes | memoryview | np.ndarray) -> np.ndarray:
