@@ -55,6 +55,7 @@ class _Worker:
     lost: str = ""  # the reason, once lost
     reported: bool = False  # the loss has been handed to run_trial
     ready: bool = False
+    hb: bool = False  # its heartbeat connection has spoken: heartbeats go there
 
 
 @dataclass
@@ -237,19 +238,33 @@ class ZmqPool:
         for w in alive:
             if w.live.expired(now):
                 self._lose(w, f"silent for {now - w.live.last_heard:.2f} s (heartbeat "
-                              f"{self.interval:g} s x {self.liveness}; a message that takes "
-                              f"longer to cross the link also silences its sender: raise "
-                              f"cluster.heartbeat_liveness for large d on slow links)")
+                              f"{self.interval:g} s x {self.liveness}, on a connection of its "
+                              f"own: the agent or its host is gone or stuck)")
             elif w.live.heartbeat_due(now):
-                self._send(w, protocol.build(protocol.HEARTBEAT))
+                self._heartbeat(w, now)
 
     def _send(self, w: _Worker, frames: list[Any]) -> None:
+        """On the worker's data connection. Once its heartbeat connection has spoken, what
+        goes here no longer counts as a heartbeat: it may take longer than the liveness
+        window to arrive, so heartbeats keep their schedule on the other connection."""
         big = sum(protocol.frame_bytes(f) for f in frames) >= 65536
         try:
             self.sock.send_multipart([w.identity, *frames], flags=zmq.NOBLOCK, copy=not big)
         except zmq.ZMQError as e:  # gone (EHOSTUNREACH) or not draining: liveness decides
             log.debug("send to worker %d failed: %s", w.rank, e)
-        w.live.sent(time.monotonic())
+        if not w.hb:
+            w.live.sent(time.monotonic())
+
+    def _heartbeat(self, w: _Worker, now: float) -> None:
+        if not w.hb:  # an agent whose heartbeat connection has not spoken yet
+            self._send(w, protocol.build(protocol.HEARTBEAT))
+            return
+        try:
+            self.sock.send_multipart([w.identity + protocol.HEARTBEAT_SUFFIX,
+                                      *protocol.build(protocol.HEARTBEAT)], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            log.debug("heartbeat to worker %d failed: %s", w.rank, e)
+        w.live.sent(now)
 
     def _drop(self, why: str) -> None:
         self.dropped += 1
@@ -258,6 +273,9 @@ class ZmqPool:
 
     def _on_frames(self, frames: list[Any], now: float) -> None:
         identity = frames[0].bytes
+        if identity.endswith(protocol.HEARTBEAT_SUFFIX):
+            self._on_heartbeat(identity[: -len(protocol.HEARTBEAT_SUFFIX)], frames[1:], now)
+            return
         w = self.by_identity.get(identity)
         if w is not None and w.lost:
             return  # a lost worker stays lost
@@ -271,6 +289,22 @@ class ZmqPool:
                 self._on_message(w, msg)
         except ProtocolError as e:
             self._drop(f"from {f'worker {w.rank}' if w else 'an unknown peer'}: {e}")
+
+    def _on_heartbeat(self, identity: bytes, frames: list[Any], now: float) -> None:
+        """A HEARTBEAT on the heartbeat connection of the agent whose data connection is
+        ``identity``. One that comes before its HELLO (the two connections race) is ignored;
+        the next one counts."""
+        w = self.by_identity.get(identity)
+        try:
+            msg = protocol.parse(frames, protocol.MAX_HEARTBEAT_BYTES)
+            if msg.type != protocol.HEARTBEAT:
+                raise ProtocolError(f"{msg.type} on a heartbeat connection")
+        except ProtocolError as e:
+            self._drop(f"from {f'worker {w.rank}' if w else 'an unknown peer'}: {e}")
+            return
+        if w is not None and not w.lost:
+            w.live.heard(now)
+            w.hb = True
 
     def _on_stranger(self, identity: bytes, msg: protocol.Message, now: float) -> None:
         if msg.type != protocol.HELLO:

@@ -27,7 +27,6 @@ Remote run directory::
 from __future__ import annotations
 
 import json
-import math
 import re
 import shlex
 import shutil
@@ -39,10 +38,8 @@ from orchestrator import deploy
 from orchestrator.cluster import Cluster
 from orchestrator.config import Experiment
 from orchestrator.deploy import REMOTE_VENV, Session, SSHTarget
-from orchestrator.errors import ConfigError, RunError, SSHError
-from orchestrator.providers.netns import PRESETS, format_rate, parse_rate
+from orchestrator.errors import RunError, SSHError
 from orchestrator.results import new_run_id
-from worker.node import master_link_bytes
 
 Progress = Callable[[str], None]
 
@@ -320,50 +317,11 @@ class RemoteRun:
         (dest / "nodes" / "placement.json").write_text(json.dumps(where, indent=1) + "\n")
 
 
-def master_link_rate(cluster: Cluster) -> tuple[str, int] | None:
-    """(label, bit/s) of the master's link where relufit knows it: a netns cluster's shaped
-    rate, or the link preset of an EC2 master's instance type (its sustained baseline)."""
-    for key in ("master_bandwidth", "bandwidth"):
-        text = cluster.extra.get(key)
-        if text and text != "unshaped":
-            return text, parse_rate(text, "cluster bandwidth")
-    itype = cluster.extra.get("master_instance_type") or ""
-    preset = PRESETS.get(f"{itype}-baseline") or PRESETS.get(itype)
-    if preset:
-        return f"{itype} ({format_rate(preset.bits_per_s)} baseline)", preset.bits_per_s
-    return None
-
-
-def check_liveness_window(exp: Experiment, cluster: Cluster) -> None:
-    """Refuse, before anything starts, a run whose rounds cannot cross the master's link
-    within the liveness window: heartbeats queue behind a message in flight, so every
-    worker would be declared lost (measured on netns). Only where the link rate is known;
-    a ConfigError names the key and the value that would do."""
-    link = master_link_rate(cluster)
-    if link is None:
-        return
-    rate, bps = link
-    k = exp.cluster
-    window = k.heartbeat_interval * k.heartbeat_liveness
-    worst = max(exp.trials(), key=lambda t: master_link_bytes(t.spec))
-    moved = master_link_bytes(worst.spec)
-    seconds = 8 * moved / bps
-    if seconds > window:
-        need = math.ceil(2 * seconds / k.heartbeat_interval)
-        raise ConfigError(
-            "cluster.heartbeat_liveness",
-            f"trial {worst.index + 1} moves ~{moved / 1e6:.1f} MB "
-            f"through the master's {rate} link in one round (~{seconds:.1f} s), longer than "
-            f"heartbeat_interval x heartbeat_liveness = {window:g} s, so its workers would "
-            f"be declared lost; set cluster.heartbeat_liveness = {need} or more")
-
-
 def run_on_cluster(exp: Experiment, cluster: Cluster, out: str | Path = "results",
                    progress: Progress = print, port: int = MASTER_PORT) -> Path:
     """Run ``exp`` on ``cluster`` and bring the results home; the local run directory.
     Ctrl-C stops the remote processes, fetches what was written, and re-raises."""
     workers = max(t.spec.workers for t in exp.trials())
-    check_liveness_window(exp, cluster)
     port = int(cluster.extra.get("master_port", port))  # a hosts file may choose it
     run_id = new_run_id(exp.name)
     while (Path(out) / run_id).exists():

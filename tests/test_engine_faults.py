@@ -157,6 +157,9 @@ def test_sigint_to_relufit_run_leaves_no_process_and_keeps_every_round(tmp_path)
     assert trial["rounds"] == len(run["metrics"]["round"]) > 20
 
 
+V = protocol.VERSION
+
+
 def junk_frames(rng, i):
     """Random and malformed messages; none of them is a valid message an agent would obey."""
     kind = i % 12
@@ -166,25 +169,25 @@ def junk_frames(rng, i):
     if kind == 1:
         return [rng.bytes(int(rng.integers(0, 40))) for _ in range(int(rng.integers(2, 6)))]
     if kind == 2:
-        return [rng.choice([b"{}", b"[]", b"null", b'{"v":1}', b'{"v":1,"type":"ROUND"}'])]
+        return [rng.choice([b"{}", b"[]", b"null", b'{"v":2}', b'{"v":2,"type":"ROUND"}'])]
     if kind == 3:
-        return [h(v=1, type="GRADIENT", trial=0, round=int(rng.integers(0, 40)), compute_s=0,
+        return [h(v=V, type="GRADIENT", trial=0, round=int(rng.integers(0, 40)), compute_s=0,
                   encode_s=0, apply_s=0), rng.bytes(64)]
     if kind == 4:
-        return [h(v=1, type="ROUND", trial=0, round=int(rng.integers(-2, 1000))), rng.bytes(64)]
+        return [h(v=V, type="ROUND", trial=0, round=int(rng.integers(-2, 1000))), rng.bytes(64)]
     if kind == 5:
         return [h(v=2, type="HEARTBEAT")]
     if kind == 6:
-        return [h(v=1, type="TRIAL", trial=0, spec={"d": -1})]
+        return [h(v=V, type="TRIAL", trial=0, spec={"d": -1})]
     if kind == 7:
         return [b" " * (protocol.MAX_HEADER + 10)]
     if kind == 8:
         return [b"[" * 50000]
     if kind == 9:
-        return [h(v=1, type="ROUND", trial=0, round=1, ranks="x")]
+        return [h(v=V, type="ROUND", trial=0, round=1, ranks="x")]
     if kind == 10:
-        return [h(v=1, type="READY", trial=99)]
-    return [h(v=1, type="WELCOME", rank=999, heartbeat_interval=1, heartbeat_liveness=1)]
+        return [h(v=V, type="READY", trial=99)]
+    return [h(v=V, type="WELCOME", rank=999, heartbeat_interval=1, heartbeat_liveness=1)]
 
 
 def test_hostile_frames_to_a_live_master(tmp_path):
@@ -199,8 +202,8 @@ def test_hostile_frames_to_a_live_master(tmp_path):
         s.connect(endpoint)
         rng = np.random.default_rng(1)
         h = lambda **kw: json.dumps(kw).encode()  # noqa: E731
-        extra = [[h(v=1, type="HELLO", pid=1, rank=None)], [h(v=1, type="HELLO", pid=1, rank=0)],
-                 [h(v=1, type="HELLO", pid=1, rank=77)], [h(v=9, type="HELLO", pid=1)]]
+        extra = [[h(v=V, type="HELLO", pid=1, rank=None)], [h(v=V, type="HELLO", pid=1, rank=0)],
+                 [h(v=V, type="HELLO", pid=1, rank=77)], [h(v=9, type="HELLO", pid=1)]]
         for i in range(1000):
             frames = extra[i % 4] if i % 50 == 0 else junk_frames(rng, i)
             s.send_multipart(frames)
@@ -251,7 +254,7 @@ def test_version_mismatch_agent_side_is_refused_by_the_master():
         s.connect(pool.endpoint)
         s.send_multipart([json.dumps({"v": 99, "type": "HELLO", "pid": 4242}).encode()])
         with pytest.raises(RunError, match=r"agent \(pid 4242\) speaks version 99, this master "
-                                           r"speaks 1"):
+                                           rf"speaks {protocol.VERSION}"):
             pool.wait_for_workers(5)
         reply = protocol.parse(s.recv_multipart())
         assert reply.type == protocol.ERROR and "99" in reply.get("message")

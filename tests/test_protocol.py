@@ -107,7 +107,7 @@ def test_random_bytes_never_escape_as_another_exception():
         n = int(rng.integers(1, 4))
         frames = [rng.bytes(int(rng.integers(0, 64))) for _ in range(n)]
         if rng.random() < 0.5:  # a JSON-ish prefix gets further into the checks
-            frames[0] = b'{"v":1,"type":"' + rng.choice(list(p.SCHEMA)).encode() + b'"' + frames[0]
+            frames[0] = b'{"v":2,"type":"' + rng.choice(list(p.SCHEMA)).encode() + b'"' + frames[0]
         try:
             p.parse(frames)
         except ProtocolError:
@@ -116,8 +116,8 @@ def test_random_bytes_never_escape_as_another_exception():
 
 def test_version_mismatch_is_its_own_error_but_hello_and_error_still_parse():
     with pytest.raises(VersionMismatch) as e:
-        p.parse([hdr(v=2, type="ROUND", trial=0, round=0)])
-    assert e.value.theirs == 2 and e.value.ours == p.VERSION
+        p.parse([hdr(v=p.VERSION + 1, type="ROUND", trial=0, round=0)])
+    assert e.value.theirs == p.VERSION + 1 and e.value.ours == p.VERSION
     hello = p.parse([hdr(v=7, type="HELLO", pid=3, rank=None)])  # readable, to refuse it
     with pytest.raises(VersionMismatch, match="7"):
         p.check_version(hello)

@@ -105,6 +105,10 @@ class Agent:
         self.opts = opts
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
+        # Heartbeats, both ways, on a connection of their own to the same endpoint: on the
+        # data connection they would wait behind a message in flight (ZeroMQ delivers whole
+        # messages), and a large gradient on a slow link would make either side look dead.
+        self.hb = self.ctx.socket(zmq.DEALER)
         self.bell = self.ctx.socket(zmq.PAIR)
         bell_addr = f"inproc://relufit-compute-{id(self)}"
         self.bell.bind(bell_addr)
@@ -120,16 +124,21 @@ class Agent:
     # ------------------------------------------------------------ setup
 
     def _connect(self) -> None:
-        s = self.sock
-        s.setsockopt(zmq.LINGER, 1000)
-        s.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
-        s.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
-        s.setsockopt(zmq.MAXMSGSIZE, self.opts.max_frame)
-        # A stable identity, so that after a reconnect the master still knows who we are.
-        s.setsockopt(zmq.ROUTING_ID, f"w{self.rank}-{os.getpid()}-{os.urandom(4).hex()}".encode())
-        if self.opts.curve_dir:
-            set_client_curve(s, Path(self.opts.curve_dir))
-        s.connect(self.opts.master)
+        # A stable identity, so that after a reconnect the master still knows who we are;
+        # the heartbeat connection's is the same plus protocol.HEARTBEAT_SUFFIX.
+        identity = f"w{self.rank}-{os.getpid()}-{os.urandom(4).hex()}".encode()
+        for s, routing_id, max_size in (
+            (self.sock, identity, self.opts.max_frame),
+            (self.hb, identity + protocol.HEARTBEAT_SUFFIX, protocol.MAX_HEARTBEAT_BYTES),
+        ):
+            s.setsockopt(zmq.LINGER, 1000 if s is self.sock else 0)
+            s.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+            s.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+            s.setsockopt(zmq.MAXMSGSIZE, max_size)
+            s.setsockopt(zmq.ROUTING_ID, routing_id)
+            if self.opts.curve_dir:
+                set_client_curve(s, Path(self.opts.curve_dir))
+            s.connect(self.opts.master)
 
     def run(self) -> int:
         """Talk to the master until STOP, a refusal, or its silence; returns the exit code."""
@@ -138,6 +147,7 @@ class Agent:
         self._send(protocol.build(protocol.HELLO, rank=self.rank, pid=os.getpid()))
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.hb, zmq.POLLIN)
         poller.register(self.bell, zmq.POLLIN)
         try:
             while True:
@@ -146,6 +156,8 @@ class Agent:
                 now = time.monotonic()
                 if self.bell in events:
                     self._collect()
+                if self.hb in events:
+                    self._drain_heartbeats(now)
                 if self.sock in events:
                     code = self._drain(now)
                     if code is not None:
@@ -156,7 +168,8 @@ class Agent:
                           f"{now - self.live.last_heard:.1f} s; exiting", file=sys.stderr)
                     return EXIT_MASTER_SILENT
                 if self.live.heartbeat_due(now):
-                    self._send(protocol.build(protocol.HEARTBEAT))
+                    self.hb.send_multipart(protocol.build(protocol.HEARTBEAT), flags=zmq.NOBLOCK)
+                    self.live.sent(now)
         finally:
             self.close()
 
@@ -164,6 +177,7 @@ class Agent:
         self.compute.jobs.put(None)
         self.compute.join(timeout=1.0)
         self.bell.close(linger=0)
+        self.hb.close(linger=0)
         self.sock.close()
         if not self.compute.is_alive():  # a numpy call still running would hang term()
             self.ctx.term()
@@ -182,6 +196,20 @@ class Agent:
             if code is not None:
                 return code
         return None
+
+    def _drain_heartbeats(self, now: float) -> None:
+        """The heartbeat connection carries only HEARTBEATs; each one (and nothing else)
+        shows the master alive."""
+        while self.hb.poll(0):
+            frames = self.hb.recv_multipart(copy=False)
+            try:
+                msg = protocol.parse(frames, protocol.MAX_HEARTBEAT_BYTES)
+                if msg.type != protocol.HEARTBEAT:
+                    raise ProtocolError(f"{msg.type} on the heartbeat connection")
+            except ProtocolError as e:
+                self._dropped(e)
+                continue
+            self.live.heard(now)
 
     def _dropped(self, why: Exception) -> None:
         self.dropped += 1
@@ -281,8 +309,9 @@ class Agent:
         ))
 
     def _send(self, frames: list[Any]) -> None:
+        """On the data connection; heartbeats keep their own schedule on theirs, since a
+        message sent here may take longer than the liveness window to arrive."""
         self.sock.send_multipart(frames, copy=len(frames[-1]) < 65536)
-        self.live.sent(time.monotonic())
 
 
 def load_key(path: Path, secret: bool) -> tuple[bytes, bytes | None]:

@@ -136,22 +136,6 @@ def _quantize(g: np.ndarray, spec: TrialSpec, rng: np.random.Generator) -> qsgd.
     return qsgd.quantize(g, spec.levels, rng, bucket_size=spec.bucket_size or None)
 
 
-def gradient_bytes(spec: TrialSpec) -> int:
-    """Bytes of one encoded gradient: exact for float32 and fixed coding; for Elias, the
-    fixed coding's size, which Elias stays under while s is not far above sqrt(bucket)."""
-    if spec.scheme == "none":
-        return 4 * spec.d
-    return qsgd.fixed_payload_bytes(spec.d, spec.levels, spec.bucket_size)
-
-
-def master_link_bytes(spec: TrialSpec) -> int:
-    """The most bytes one round moves through the master's link in one direction: the M
-    gradients in, or what goes down (weights, relayed gradients, or the encoded mean)."""
-    g, m = gradient_bytes(spec), spec.workers
-    down = {"ps": m * 4 * spec.d, "allgather": m * (m - 1) * g, "broadcast": m * g}
-    return max(m * g, down[spec.topology])
-
-
 def decode_gradient(payload: bytes | memoryview, spec: TrialSpec) -> np.ndarray:
     """Raises ValueError (qsgd.CodecError or SpecError) on a payload that does not fit."""
     if spec.scheme == "none":

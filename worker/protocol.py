@@ -16,7 +16,8 @@ Conversation (master M, agent A):
                                                      allgather: [others' last payloads];
                                                      broadcast: [encoded mean] (b"" in round 0)
     A -> M  GRADIENT   {trial, round, compute_s, encode_s, apply_s}  [encoded gradient]
-    both    HEARTBEAT  {}                            any traffic also counts as one
+    both    HEARTBEAT  {}                            on the heartbeat connection (below);
+                                                     any traffic also counts as one
     M -> A  STOP       {}                            the run is over: exit 0
     both    ERROR      {message}                     the peer gives up (e.g. version mismatch)
 """
@@ -28,7 +29,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-VERSION = 1
+VERSION = 2  # 2: heartbeats on a connection of their own (HEARTBEAT_SUFFIX)
 
 HELLO = "HELLO"
 WELCOME = "WELCOME"
@@ -39,6 +40,12 @@ GRADIENT = "GRADIENT"
 HEARTBEAT = "HEARTBEAT"
 STOP = "STOP"
 ERROR = "ERROR"
+
+# An agent opens two connections to the master: data, and heartbeats only, whose routing id
+# is the data connection's plus this suffix. Heartbeats (both ways) go on the second, so a
+# message in flight on the first, however long it takes, never hides that a peer is alive.
+HEARTBEAT_SUFFIX = b"/hb"
+MAX_HEARTBEAT_BYTES = 1024  # what the heartbeat connection accepts per frame
 
 MAX_HEADER = 64 * 1024  # bytes; a TRIAL spec or an allgather rank list fits with room to spare
 MAX_RANKS = 4096

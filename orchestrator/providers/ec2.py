@@ -307,7 +307,7 @@ def to_cluster(name: str, region: str, found: list[dict]) -> Cluster:
              "key_name": first.get("KeyName"),
              "availability_zone": first.get("Placement", {}).get("AvailabilityZone"),
              "launch": tags_of(first).get(TAG_LAUNCH),
-             "master_instance_type": first.get("InstanceType")}  # its link rate: run checks
+             "master_instance_type": first.get("InstanceType")}  # shown by `cluster status`
     return Cluster(name=name, provider="ec2", nodes=tuple(nodes), key_path=str(key_path(name)),
                    region=region, extra=extra)
 
