@@ -394,3 +394,28 @@ def test_an_agent_started_before_its_master_connects_when_the_master_comes_up():
                 proc.kill()
                 proc.wait()
     assert proc.returncode == 0
+
+
+def test_an_agent_whose_heartbeat_queue_is_full_keeps_going():
+    """With no master for a long while the heartbeat connection's queue fills; a heartbeat
+    that cannot be queued is skipped (liveness decides what happens), not a crash."""
+    from worker.agent import Agent, AgentOptions
+
+    class Full:
+        def send_multipart(self, frames, flags=0):
+            raise zmq.Again()
+
+        def close(self, linger=None):
+            pass
+
+    agent = Agent(AgentOptions(master="tcp://127.0.0.1:9"))
+    real, agent.hb = agent.hb, Full()
+    try:
+        later = agent.live.last_sent + 5.0
+        agent._heartbeat(later)
+        assert agent.live.last_sent == later
+    finally:
+        real.close(linger=0)
+        agent.sock.close(linger=0)
+        agent.bell.close(linger=0)
+        agent.ctx.term()

@@ -168,8 +168,7 @@ class Agent:
                           f"{now - self.live.last_heard:.1f} s; exiting", file=sys.stderr)
                     return EXIT_MASTER_SILENT
                 if self.live.heartbeat_due(now):
-                    self.hb.send_multipart(protocol.build(protocol.HEARTBEAT), flags=zmq.NOBLOCK)
-                    self.live.sent(now)
+                    self._heartbeat(now)
         finally:
             self.close()
 
@@ -307,6 +306,13 @@ class Agent:
             protocol.GRADIENT, [res.payload], pad=protocol.GRADIENT_HEADER, trial=trial,
             round=round_, compute_s=res.compute_s, encode_s=res.encode_s, apply_s=apply_s,
         ))
+
+    def _heartbeat(self, now: float) -> None:
+        try:
+            self.hb.send_multipart(protocol.build(protocol.HEARTBEAT), flags=zmq.NOBLOCK)
+        except zmq.Again:  # its queue is full (no master for a long while): liveness decides
+            pass
+        self.live.sent(now)
 
     def _send(self, frames: list[Any]) -> None:
         """On the data connection; heartbeats keep their own schedule on theirs, since a
