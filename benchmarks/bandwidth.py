@@ -62,10 +62,6 @@ SETTINGS = {
 DEFAULT_SETTINGS = "fp32,s15b128fixed,s16b128,s16b512fixed"
 WARMUP = 2
 PER_ROUND_LR = 1e-4  # time per round does not depend on lr; a small one never diverges
-# At d = 1e6 and 100 Mbit/s an allgather round relays 48 MB through the master's link (~4 s).
-# While heartbeats shared the data connection they waited behind it and the master declared
-# every worker lost; they have their own connection now, and the rows were measured with 30.
-BIG_LIVENESS = 30
 
 
 def toml_value(v: object) -> str:
@@ -81,7 +77,7 @@ def sweep_toml(names: list[str]) -> str:
 
 
 def experiment(d: int, n: int, batch: int, lr: float, rounds: int, target: float,
-               workers: int, liveness: int = 3) -> str:
+               workers: int) -> str:
     return f"""name = "bwbench"
 [problem]
 d = {d}
@@ -97,7 +93,6 @@ scheme = "none"
 [cluster]
 workers = {workers}
 topology = "ps"
-heartbeat_liveness = {liveness}
 """
 
 
@@ -193,7 +188,7 @@ def run_link(link: str, args: argparse.Namespace, tmp: Path, out: Path) -> list[
         if args.per_round_d:
             big = tmp / "bwbench-big.toml"  # online data: no d x n matrix at d = 1e6
             big.write_text(experiment(args.per_round_d, 0, args.per_round_batch, PER_ROUND_LR,
-                                      args.per_round_rounds, 0, args.workers, BIG_LIVENESS))
+                                      args.per_round_rounds, 0, args.workers))
             rows += run_grid(name, link, big, topologies, args.per_round_settings.split(","),
                              0, out, args.per_round_d)
             if args.mpi:
