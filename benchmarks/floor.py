@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bandwidth import SETTINGS  # noqa: E402
 from worker import node, qsgd, relu  # noqa: E402
-from worker.node import TrialSpec  # noqa: E402
+from worker.node import TrialSpec, WorkerNode  # noqa: E402
 
 WARMUP = 10
 
@@ -54,7 +54,7 @@ def spec_for(args: argparse.Namespace, setting: str) -> TrialSpec:
     params.update(SETTINGS[setting])
     return TrialSpec(trial=0, d=args.d, n=args.n, seed=0, workers=args.workers,
                      batch_size=args.batch, lr=0.0, rounds=args.rounds, target_rel_error=0.0,
-                     topology="allgather", **params)
+                     topology="ps", **params)
 
 
 MODES = {"gradient": "gradient", "encode": "+ qsgd encode", "broadcast": "+ qsgd, decode 1",
@@ -64,24 +64,23 @@ QUIT = 255
 
 
 def work(rank: int, args: argparse.Namespace, up: int, down: int) -> None:
-    """One worker: build the shard, then one round per command byte from the parent
-    (``2 * mode + alone``; in an ``alone`` round only rank 0 works, the others just answer)."""
-    specs = {m: spec_for(args, "fp32" if m == "gradient" else args.setting) for m in MODES}
-    s = specs["gradient"]
-    X, y = relu.shard(s.d, s.n, s.seed, rank, s.workers)
-    w = relu.planted_weights(s.d, 1) * 0.1
-    brng, qrng = relu.batch_rng(0, rank), relu.quant_rng(0, rank)
-    modes = list(MODES)
+    """One worker: a relufit ``WorkerNode`` (its shard, generators and encoding), then one
+    round per command byte from the parent (``2 * mode + alone``; in an ``alone`` round
+    only rank 0 works, the others just answer)."""
+    nd = WorkerNode(spec_for(args, args.setting), rank)
+    w = relu.planted_weights(args.d, 1) * 0.1
+    modes, r = list(MODES), 0
     os.write(up, b"r")  # shard built
     while (cmd := os.read(down, 1)[0]) != QUIT:
         mode, alone = modes[cmd // 2], cmd % 2
         if rank == 0 or not alone:
-            spec = specs[mode]
-            g = relu.gradient(w, *relu.minibatch(X, y, spec.batch_size, brng))
-            if mode != "gradient":
-                own = node.encode_gradient(g, spec, qrng)
-                for _ in range(DECODES.get(mode, spec.workers)):
-                    node.decode_gradient(own, spec)
+            if mode == "gradient":
+                nd.gradient(w, r)
+            else:
+                own = nd.step(w, r).payload  # the gradient, quantized and encoded
+                for _ in range(DECODES.get(mode, nd.spec.workers)):
+                    node.decode_gradient(own, nd.spec)
+            r += 1
         os.write(up, b"r")
 
 

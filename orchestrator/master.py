@@ -247,24 +247,22 @@ class ZmqPool:
         """On the worker's data connection. Once its heartbeat connection has spoken, what
         goes here no longer counts as a heartbeat: it may take longer than the liveness
         window to arrive, so heartbeats keep their schedule on the other connection."""
-        big = sum(protocol.frame_bytes(f) for f in frames) >= 65536
-        try:
-            self.sock.send_multipart([w.identity, *frames], flags=zmq.NOBLOCK, copy=not big)
-        except zmq.ZMQError as e:  # gone (EHOSTUNREACH) or not draining: liveness decides
-            log.debug("send to worker %d failed: %s", w.rank, e)
+        self._send_to(w, w.identity, frames)
         if not w.hb:
             w.live.sent(time.monotonic())
 
     def _heartbeat(self, w: _Worker, now: float) -> None:
-        if not w.hb:  # an agent whose heartbeat connection has not spoken yet
-            self._send(w, protocol.build(protocol.HEARTBEAT))
-            return
-        try:
-            self.sock.send_multipart([w.identity + protocol.HEARTBEAT_SUFFIX,
-                                      *protocol.build(protocol.HEARTBEAT)], flags=zmq.NOBLOCK)
-        except zmq.ZMQError as e:
-            log.debug("heartbeat to worker %d failed: %s", w.rank, e)
+        """On the heartbeat connection, or on the data one while that has not spoken yet."""
+        suffix = protocol.HEARTBEAT_SUFFIX if w.hb else b""
+        self._send_to(w, w.identity + suffix, protocol.build(protocol.HEARTBEAT))
         w.live.sent(now)
+
+    def _send_to(self, w: _Worker, identity: bytes, frames: list[Any]) -> None:
+        big = sum(protocol.frame_bytes(f) for f in frames) >= 65536
+        try:
+            self.sock.send_multipart([identity, *frames], flags=zmq.NOBLOCK, copy=not big)
+        except zmq.ZMQError as e:  # gone (EHOSTUNREACH) or not draining: liveness decides
+            log.debug("send to worker %d failed: %s", w.rank, e)
 
     def _drop(self, why: str) -> None:
         self.dropped += 1
@@ -296,9 +294,7 @@ class ZmqPool:
         the next one counts."""
         w = self.by_identity.get(identity)
         try:
-            msg = protocol.parse(frames, protocol.MAX_HEARTBEAT_BYTES)
-            if msg.type != protocol.HEARTBEAT:
-                raise ProtocolError(f"{msg.type} on a heartbeat connection")
+            protocol.parse_heartbeat(frames)
         except ProtocolError as e:
             self._drop(f"from {f'worker {w.rank}' if w else 'an unknown peer'}: {e}")
             return

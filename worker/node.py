@@ -13,6 +13,7 @@ a worker adds its own gradient's vector to the ones it decodes from the others.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -153,35 +154,34 @@ def decode_gradient(payload: bytes | memoryview, spec: TrialSpec) -> np.ndarray:
 # fixed at d = 1e6 (~660 kB) 1.08-1.10x, at d = 1e5 (~66 kB) slower, 0.62-0.79x.
 # float32 is never threaded.
 PARALLEL_DECODE_MIN_BYTES = {"elias": 100_000, "fixed": 500_000}
-_decoders: list[tuple[ThreadPoolExecutor | None, int]] = []
-if hasattr(os, "register_at_fork"):  # a forked child has none of our threads: it makes its own
-    os.register_at_fork(after_in_child=_decoders.clear)
 
 
+@functools.cache
 def _decoder() -> tuple[ThreadPoolExecutor | None, int]:
     """The process's decoding threads and their number, one per CPU it may run on (no
     threads on one CPU); made on first use."""
-    if not _decoders:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        cpus = cpus or 1
-        pool = ThreadPoolExecutor(cpus, thread_name_prefix="relufit-decode") if cpus > 1 else None
-        _decoders.append((pool, cpus))
-    return _decoders[0]
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpus = cpus or 1
+    return (ThreadPoolExecutor(cpus, thread_name_prefix="relufit-decode") if cpus > 1 else None,
+            cpus)
+
+
+if hasattr(os, "register_at_fork"):  # a forked child has none of our threads: it makes its own
+    os.register_at_fork(after_in_child=_decoder.cache_clear)
 
 
 def aggregate(payloads: list[bytes | memoryview | np.ndarray], spec: TrialSpec) -> np.ndarray:
     """Mean of the decoded gradients, summed in the order given (rank order). An entry may
     be a vector already decoded (``encode_exact``'s): it adds exactly as its bytes would.
 
-    Large QSGD payloads (``PARALLEL_DECODE_MIN_BYTES``) are decoded a few at a time on
-    threads (as many at once as
-    there are threads, so memory stays at that many vectors), and still added in order:
-    the result is bit for bit the serial one."""
+    Large QSGD payloads (``PARALLEL_DECODE_MIN_BYTES``) are decoded on threads, as many
+    at once as there are threads (so memory stays at that many vectors), and still added
+    in order: the result is bit for bit the serial one."""
     pool, step = None, 1
-    coded = [memoryview(p).nbytes for p in payloads if not isinstance(p, np.ndarray)]
-    if (spec.scheme == "qsgd" and len(coded) > 1
-            and max(coded) >= PARALLEL_DECODE_MIN_BYTES[spec.coding]):
-        pool, step = _decoder()
+    if spec.scheme == "qsgd":
+        coded = [memoryview(p).nbytes for p in payloads if not isinstance(p, np.ndarray)]
+        if len(coded) > 1 and max(coded) >= PARALLEL_DECODE_MIN_BYTES[spec.coding]:
+            pool, step = _decoder()
 
     def vector(p: bytes | memoryview | np.ndarray) -> np.ndarray:
         return p if isinstance(p, np.ndarray) else decode_gradient(p, spec)
@@ -250,7 +250,7 @@ class WorkerNode:
 
     def apply_update(self, payload: bytes | memoryview) -> None:
         """broadcast: take the step the master took, from its encoded mean (b"": none yet).
-        The master steps with the vector ``encode_mean`` returned for these bytes."""
+        The master steps with the vector ``encode_exact`` returned for these bytes."""
         if len(payload):
             self.w = self.w - self.spec.lr * decode_gradient(payload, self.spec)
 

@@ -224,6 +224,15 @@ def buffer(frame: Any) -> memoryview | bytes:
     return frame
 
 
+
+def parse_heartbeat(frames: list[Any]) -> Message:
+    """A message from a heartbeat connection: a HEARTBEAT of at most MAX_HEARTBEAT_BYTES a
+    frame, nothing else; raises ProtocolError."""
+    msg = parse(frames, MAX_HEARTBEAT_BYTES)
+    if msg.type != HEARTBEAT:
+        raise ProtocolError(f"{msg.type} on a heartbeat connection")
+    return msg
+
 # ---------------------------------------------------------------- liveness
 
 
