@@ -93,12 +93,20 @@ def run(experiment_file: str, backend: str | None, overrides: tuple[str, ...], o
               help="Seconds to wait for the master before it has answered.")
 @click.option("--curve-dir", default=None, type=click.Path(file_okay=False),
               help="CurveZMQ: a directory with server.key and client.key_secret.")
-def agent(master: str, rank: int | None, timeout: float, curve_dir: str | None) -> None:
+@click.option("--peer-bind", default=None, metavar="tcp://HOST[:PORT|:LO-HI|:*]",
+              help="allreduce: where to listen for the other agents (default: loopback for a "
+              "master on loopback, else tcp://0.0.0.0:5556-5655).")
+@click.option("--peer-host", default=None, metavar="HOST",
+              help="allreduce: the address other agents reach this one at (default: the "
+              "address the master sees it connect from).")
+def agent(master: str, rank: int | None, timeout: float, curve_dir: str | None,
+          peer_bind: str | None, peer_host: str | None) -> None:
     """Serve the master's trials as one worker until it says STOP or goes silent."""
     from worker.agent import AgentError, AgentOptions, run_agent
 
     try:
-        code = run_agent(AgentOptions(master, rank, timeout, curve_dir))
+        code = run_agent(AgentOptions(master, rank, timeout, curve_dir, peer_bind=peer_bind,
+                                      peer_host=peer_host))
     except AgentError as e:
         raise click.ClickException(str(e)) from None
     raise SystemExit(code)

@@ -29,7 +29,7 @@ import zmq
 
 from orchestrator.errors import RunError
 from orchestrator.trial import Exchange, Reply
-from worker import protocol
+from worker import curve, node, protocol
 from worker.node import TrialSpec
 from worker.protocol import Liveness, ProtocolError, VersionMismatch
 
@@ -56,6 +56,7 @@ class _Worker:
     reported: bool = False  # the loss has been handed to run_trial
     ready: bool = False
     hb: bool = False  # its heartbeat connection has spoken: heartbeats go there
+    peer: str | None = None  # allreduce: the endpoint other agents reach it at
 
 
 @dataclass
@@ -66,6 +67,8 @@ class _Round:
     replies: dict[int, Reply] = field(default_factory=dict)
     busy_s: dict[int, float] = field(default_factory=dict)  # apply + compute + encode
     bytes_up: int = 0
+    bytes_peer: int = 0
+    bounds: dict[int, tuple[int, int]] = field(default_factory=dict)  # allreduce: chunks
 
 
 class ZmqPool:
@@ -108,6 +111,8 @@ class ZmqPool:
         self.refused: list[str] = []  # version mismatches, reported by wait_for_workers
         self.spec: TrialSpec | None = None
         self.round: _Round | None = None
+        self.plan: list[int] = []  # allreduce: the ranks the chunks are planned over
+        self.epoch = -1  # allreduce: bumped at every (re)plan
         self.dropped = 0
         self.closed = False
         self.processes: list[Any] = []  # agent processes, when a provider started them
@@ -146,20 +151,29 @@ class ZmqPool:
         if spec.workers > self.workers:
             raise RunError(f"trial {spec.trial} needs {spec.workers} workers, pool has "
                            f"{self.workers}")
-        self.spec, self.round = spec, None
+        self.spec, self.round, self.plan, self.epoch = spec, None, [], -1
         for w in self._members(lost=True):  # lost in an earlier trial: this one reports it too
             w.reported = False
-        body = spec.to_dict()
+        fields: dict[str, Any] = {"spec": spec.to_dict()}
+        if spec.topology == "allreduce":
+            missing = [w.rank for w in self._members() if w.peer is None]
+            if missing:
+                raise RunError(f"agents {missing} announced no peer endpoint; the allreduce "
+                               "topology needs every agent to listen for its peers")
+            fields["peers"] = [None if (w := self.by_rank.get(r)) is None or w.lost else w.peer
+                               for r in range(spec.workers)]
         for w in self._members():
             w.ready = False
-            self._send(w, protocol.build(protocol.TRIAL, trial=spec.trial, spec=body))
+            self._send(w, protocol.build(protocol.TRIAL, trial=spec.trial, **fields))
         while any(not w.ready for w in self._members()):
             self._pump()
 
-    def exchange(self, round_: int, down: bytes | None, relay: list[Reply]) -> Exchange:
+    def exchange(self, round_: int, down: Any, relay: list[Reply]) -> Exchange:
         spec = self.spec
         if spec is None:
             raise RuntimeError("exchange() before start_trial()")
+        if spec.topology == "allreduce":
+            return self._allreduce(round_, down)
         t0 = time.perf_counter()
         members = self._members()
         rnd = _Round(spec.trial, round_, {w.rank for w in members})
@@ -185,6 +199,42 @@ class ZmqPool:
         wall = time.perf_counter() - t0
         return Exchange(replies, rnd.bytes_up, bytes_down, max(0.0, wall - slowest),
                         self._new_losses())
+
+    def _allreduce(self, round_: int, w: Any) -> Exchange:
+        """A clock tick: ROUND to every member (with the plan when it changes, and the
+        weights when it changes after round 0); then one GRADIENT from each, carrying the
+        mean chunk it owns. A member lost before the round ends cuts it short (``retry``)."""
+        spec, t0 = self.spec, time.perf_counter()
+        members = self._members()
+        ranks = [m.rank for m in members]
+        fields: dict[str, Any] = {}
+        payloads: list[Any] = []
+        if ranks != self.plan:
+            self.plan, self.epoch = ranks, self.epoch + 1
+            fields = {"ranks": ranks, "epoch": self.epoch}
+            if round_ > 0:  # replicas start at zero; later they may have parted ways
+                payloads = [node.encode_weights64(w)]
+        rnd = _Round(spec.trial, round_, set(ranks))
+        rnd.bounds = dict(zip(ranks, node.chunk_bounds(spec, len(ranks)), strict=True))
+        self.round = rnd
+        bytes_down = 0
+        for m in members:
+            frames = protocol.build(protocol.ROUND, payloads, pad=protocol.ROUND_HEADER,
+                                    trial=spec.trial, round=round_, **fields)
+            self._send(m, frames)
+            bytes_down += sum(protocol.frame_bytes(f) for f in frames)
+        while rnd.pending:
+            self._pump()
+            if any(m.lost for m in members):
+                break
+        self.round = None
+        lost = self._new_losses()
+        if rnd.pending:  # cut short by a loss: run_trial decides (abort, or again)
+            return Exchange([], rnd.bytes_up, bytes_down, 0.0, lost, rnd.bytes_peer, retry=True)
+        replies = [rnd.replies[r] for r in ranks]
+        slowest = max(rnd.busy_s.values(), default=0.0)
+        return Exchange(replies, rnd.bytes_up, bytes_down,
+                        max(0.0, time.perf_counter() - t0 - slowest), lost, rnd.bytes_peer)
 
     def end_trial(self) -> None:
         self.spec, self.round = None, None
@@ -282,7 +332,7 @@ class ZmqPool:
         try:
             msg = protocol.parse(frames[1:], self.max_payload)
             if w is None:
-                self._on_stranger(identity, msg, now)
+                self._on_stranger(identity, msg, now, _peer_address(frames[1]))
             else:
                 self._on_message(w, msg)
         except ProtocolError as e:
@@ -302,7 +352,8 @@ class ZmqPool:
             w.live.heard(now)
             w.hb = True
 
-    def _on_stranger(self, identity: bytes, msg: protocol.Message, now: float) -> None:
+    def _on_stranger(self, identity: bytes, msg: protocol.Message, now: float,
+                     peer_address: str | None = None) -> None:
         if msg.type != protocol.HELLO:
             raise ProtocolError(f"{msg.type} from an identity that never said HELLO")
         try:
@@ -328,6 +379,9 @@ class ZmqPool:
             raise ProtocolError(f"HELLO refused: {why}")
         w = _Worker(rank, identity, Liveness.start(self.interval, self.liveness, now),
                     msg.get("pid"))
+        if msg.get("peer_port") is not None:
+            host = msg.get("peer_host") or peer_address
+            w.peer = protocol.peer_endpoint(host, msg.get("peer_port")) if host else None
         self.by_identity[identity], self.by_rank[rank] = w, w
         self._send(w, protocol.build(protocol.WELCOME, rank=rank,
                                      heartbeat_interval=self.interval,
@@ -366,12 +420,21 @@ class ZmqPool:
             raise ProtocolError(f"stale GRADIENT for trial {msg.get('trial')} round "
                                 f"{msg.get('round')} from worker {w.rank}")
         payload = msg.payloads[0]
-        check_payload(protocol.buffer(payload), spec)
+        if spec.topology == "allreduce":  # the mean of the chunk it owns (b"": none)
+            lo, hi = rnd.bounds[w.rank]
+            if hi == lo:
+                if protocol.frame_bytes(payload):
+                    raise ProtocolError(f"worker {w.rank} sent a mean for an empty chunk")
+            else:
+                check_payload(protocol.buffer(payload), node.chunk_spec(spec, lo, hi))
+        else:
+            check_payload(protocol.buffer(payload), spec)
         rnd.pending.discard(w.rank)
         compute_s, encode_s = msg.get("compute_s"), msg.get("encode_s")
         rnd.replies[w.rank] = Reply(w.rank, protocol.buffer(payload), compute_s, encode_s)
         rnd.busy_s[w.rank] = msg.get("apply_s") + compute_s + encode_s
         rnd.bytes_up += msg.header_bytes + protocol.frame_bytes(payload)
+        rnd.bytes_peer += msg.get("bytes_peer")
 
 
 @contextmanager
@@ -389,6 +452,14 @@ def listen_pool(
         yield pool
     finally:
         pool.close()
+
+
+def _peer_address(frame: Any) -> str | None:
+    """The address a TCP peer connected from (ZeroMQ's frame metadata), or None."""
+    try:
+        return frame.get("Peer-Address") or None
+    except (zmq.ZMQError, AttributeError):
+        return None
 
 
 _QSGD_HEAD = struct.Struct("<4sBBBBIIII")
@@ -410,33 +481,14 @@ def check_payload(payload: Any, spec: TrialSpec) -> None:
 
 
 def set_server_curve(sock: zmq.Socket, ctx: zmq.Context, curve_dir: Path) -> Any:
-    """CurveZMQ server: our key pair from ``server.key_secret``; only clients whose public
-    key is a ``*.key`` file in ``curve_dir`` may connect. Returns the running authenticator."""
-    from zmq.auth.thread import ThreadAuthenticator
-
-    from worker.agent import AgentError, load_key
-
+    """CurveZMQ server for the master's ROUTER (``worker.curve.set_server``); a bad key file
+    is a RunError."""
     try:
-        public, secret = load_key(curve_dir / "server.key_secret", secret=True)
-    except AgentError as e:
+        return curve.set_server(sock, ctx, curve_dir)
+    except curve.KeyFileError as e:
         raise RunError(str(e)) from None
-    if secret is None:
-        raise RunError(f"{curve_dir / 'server.key_secret'}: holds no secret key")
-    auth = ThreadAuthenticator(ctx, log=logging.getLogger("relufit.master.auth"))
-    auth.start()
-    auth.configure_curve(domain="*", location=str(curve_dir))
-    sock.curve_secretkey, sock.curve_publickey = secret, public
-    sock.curve_server = True
-    return auth
 
 
 def create_curve_keys(curve_dir: str | Path) -> Path:
     """A fresh server and client key pair in ``curve_dir`` (secret files mode 0600)."""
-    import zmq.auth
-
-    path = Path(curve_dir)
-    path.mkdir(parents=True, exist_ok=True)
-    for name in ("server", "client"):
-        _, secret = zmq.auth.create_certificates(str(path), name)
-        Path(secret).chmod(0o600)
-    return path
+    return curve.create_keys(curve_dir)

@@ -205,11 +205,13 @@ class RemoteRun:
         endpoint = f"tcp://{self.cluster.master.private_address}:{self.port}"
 
         def launch(t: SSHTarget) -> None:
+            i = self.targets.index(t)
             with Session(t) as s:
-                for rank in uses[self.targets.index(t)]:
+                for rank in uses[i]:  # peers (allreduce) reach it at its private address
                     s.run(spawn_command(self.rdir, f"agent-{rank}", [
                         "agent", "--master", endpoint, "--rank", str(rank),
-                        "--timeout", f"{timeout:g}", "--curve-dir", "keys-agent"]))
+                        "--timeout", f"{timeout:g}", "--curve-dir", "keys-agent",
+                        "--peer-host", self.cluster.nodes[i].private_address]))
 
         deploy.on_all([self.targets[i] for i in sorted(uses)], launch, progress)
         progress(f"{len(self.ranks)} agent(s) started on {len(uses)} node(s), "

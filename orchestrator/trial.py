@@ -43,15 +43,22 @@ class Exchange:
     bytes_down: int
     network_s: float = 0.0
     lost: list[tuple[int, str]] = field(default_factory=list)  # (rank, reason) lost this round
+    bytes_peer: int = 0  # allreduce: what the workers sent each other
+    # allreduce: a worker was lost mid-round, so the round did not finish; run it again
+    # (the pool re-plans the chunks over the workers left)
+    retry: bool = False
 
 
 class WorkerPool(Protocol):
-    """Where the workers run. ``down``: the float32 weights (ps), None (allgather), or the
-    encoded mean of last round (broadcast; b"" in round 0)."""
+    """Where the workers run. ``down``: the float32 weights (ps), None (allgather), the
+    encoded mean of last round (broadcast; b"" in round 0), or the master's weights as
+    float64 (allreduce: sent only when the chunks are re-planned, to re-sync the replicas).
+    ``relay``: last round's replies (allgather: gradients; allreduce: mean chunks)."""
 
     def start_trial(self, spec: TrialSpec) -> None: ...
 
-    def exchange(self, round_: int, down: bytes | None, relay: list[Reply]) -> Exchange: ...
+    def exchange(self, round_: int, down: bytes | np.ndarray | None,
+                 relay: list[Reply]) -> Exchange: ...
 
     def end_trial(self) -> None: ...
 
@@ -65,6 +72,7 @@ class RoundRow:
     loss: float
     bytes_up: int
     bytes_down: int
+    bytes_peer: int
     workers: int
     t_compute: float
     t_encode: float
@@ -88,6 +96,7 @@ class TrialResult:
     final_rel_error: float
     total_bytes_up: int
     total_bytes_down: int
+    total_bytes_peer: int
     wall_time_s: float
     reached_target: bool
     reason: str = ""
@@ -116,7 +125,7 @@ def run_trial(
     """
     w_star = relu.planted_weights(spec.d, spec.seed)
     w = np.zeros(spec.d)
-    totals = {"up": 0, "down": 0}
+    totals = {"up": 0, "down": 0, "peer": 0}
     lost: list[int] = []
     relay: list[Reply] = []
     update = b""  # broadcast: last round's encoded mean, which every replica applies
@@ -126,7 +135,7 @@ def run_trial(
 
     def result(status: str, reason: str = "") -> TrialResult:
         return TrialResult(
-            status, rounds_done, err, totals["up"], totals["down"],
+            status, rounds_done, err, totals["up"], totals["down"], totals["peer"],
             time.perf_counter() - start, bool(err <= spec.target_rel_error), reason, list(lost),
         )
 
@@ -135,23 +144,27 @@ def run_trial(
         for r in range(spec.rounds):
             if INTERRUPT_REQUESTED.is_set():  # a KeyboardInterrupt that was swallowed
                 raise KeyboardInterrupt
-            if spec.topology == "ps":
-                down: bytes | None = node.encode_weights(w)
-            else:
-                down = update if spec.topology == "broadcast" else None
-            ex = pool.exchange(r, down, relay)
-            for rank, why in ex.lost:
-                lost.append(rank)
-                on_event(f"trial {spec.trial} round {r}: worker {rank} lost ({why})")
-                if on_worker_loss == "abort":
-                    raise TrialFailed(
-                        f"worker {rank} lost in round {r} ({why}); on_worker_loss=abort"
-                    )
+            ex = pool.exchange(r, _down(spec, w, update), relay)
+            while True:
+                for rank, why in ex.lost:
+                    lost.append(rank)
+                    on_event(f"trial {spec.trial} round {r}: worker {rank} lost ({why})")
+                    if on_worker_loss == "abort":
+                        raise TrialFailed(
+                            f"worker {rank} lost in round {r} ({why}); on_worker_loss=abort"
+                        )
+                if not ex.retry:
+                    break
+                # allreduce: the round was cut short; the pool re-plans the chunks over the
+                # workers left and re-syncs their replicas to w (no longer comparable to sim)
+                ex = _again(ex, pool.exchange(r, w, []))
             if not ex.replies:
                 raise TrialFailed(f"no worker left in round {r}")
             t0 = time.perf_counter()
             try:
-                g = node.aggregate([rep.payload for rep in ex.replies], spec)
+                payloads = [rep.payload for rep in ex.replies]
+                g = (node.assemble(payloads, spec) if spec.topology == "allreduce"
+                     else node.aggregate(payloads, spec))
             except ValueError as e:  # a payload that passed the pool's checks but not decode
                 raise TrialFailed(f"undecodable gradient in round {r}: {e}") from None
             t1 = time.perf_counter()
@@ -165,7 +178,7 @@ def run_trial(
             relay = ex.replies
             row = RoundRow(
                 spec.trial, r, time.perf_counter() - start, err, relu.population_loss(w, w_star),
-                ex.bytes_up, ex.bytes_down, len(ex.replies),
+                ex.bytes_up, ex.bytes_down, ex.bytes_peer, len(ex.replies),
                 max(rep.compute_s for rep in ex.replies),
                 max(rep.encode_s for rep in ex.replies) + master_encode_s,
                 ex.network_s, t1 - t0, t2 - t1 - master_encode_s,
@@ -173,6 +186,7 @@ def run_trial(
             with deferred_interrupts():  # on Ctrl-C the rows handed on and the count agree
                 totals["up"] += ex.bytes_up
                 totals["down"] += ex.bytes_down
+                totals["peer"] += ex.bytes_peer
                 rounds_done = r + 1
                 on_round(row)
             if not np.isfinite(err) or err > DIVERGED:
@@ -190,6 +204,25 @@ def run_trial(
         pool.end_trial()
 
 
+def _down(spec: TrialSpec, w: np.ndarray, update: bytes) -> bytes | np.ndarray | None:
+    """What goes down in a round: ps the float32 weights, broadcast last round's encoded
+    mean, allgather nothing (the replicas follow on their own); allreduce the weights as
+    they are, which the pool sends only to re-sync the replicas after a re-plan."""
+    if spec.topology == "ps":
+        return node.encode_weights(w)
+    if spec.topology == "allreduce":
+        return w
+    return update if spec.topology == "broadcast" else None
+
+
+def _again(before: Exchange, after: Exchange) -> Exchange:
+    """A round run again after a loss: its bytes include the attempt that was cut short."""
+    after.bytes_up += before.bytes_up
+    after.bytes_down += before.bytes_down
+    after.bytes_peer += before.bytes_peer
+    return after
+
+
 class SimPool:
     """The reference backend: the M workers in this process, called in rank order."""
 
@@ -200,6 +233,8 @@ class SimPool:
         self.nodes = [WorkerNode(spec, rank) for rank in range(spec.workers)]
 
     def exchange(self, round_: int, down: bytes | None, relay: list[Reply]) -> Exchange:
+        if self.nodes and self.nodes[0].spec.topology == "allreduce":
+            return self._allreduce(round_, relay)
         replies, bytes_down = [], 0
         for nd in self.nodes:
             w = nd.weights_for_round(
@@ -211,6 +246,29 @@ class SimPool:
             res = nd.step(w, round_)
             replies.append(Reply(nd.rank, res.payload, res.compute_s, res.encode_s))
         return Exchange(replies, sum(len(r.payload) for r in replies), bytes_down)
+
+    def _allreduce(self, round_: int, relay: list[Reply]) -> Exchange:
+        """Each worker scatters its chunks, each chunk's owner reduces them (parts in rank
+        order) and its mean goes to every other worker and to the master. Bytes are the
+        payloads alone, as for the other topologies here."""
+        members = [nd.rank for nd in self.nodes]
+        parts, timing = [], []
+        for nd in self.nodes:
+            w = nd.weights_for_round(
+                None, [None if rep.rank == nd.rank else rep.payload for rep in relay])
+            p, res = nd.scatter(w, round_, members)
+            parts.append(p)
+            timing.append(res)
+        replies, peer = [], 0
+        for j, nd in enumerate(self.nodes):
+            t0 = time.perf_counter()
+            mean = nd.reduce(round_, members,
+                             [None if i == j else p[j] for i, p in enumerate(parts)])
+            extra = time.perf_counter() - t0
+            replies.append(Reply(nd.rank, mean, timing[j].compute_s, timing[j].encode_s + extra))
+            peer += sum(len(p) for i, p in enumerate(parts[j]) if i != j)
+            peer += len(mean) * (len(members) - 1)
+        return Exchange(replies, sum(len(r.payload) for r in replies), 0, bytes_peer=peer)
 
     def end_trial(self) -> None:
         self.nodes = []

@@ -172,11 +172,11 @@ def junk_frames(rng, i):
         return [rng.choice([b"{}", b"[]", b"null", b'{"v":2}', b'{"v":2,"type":"ROUND"}'])]
     if kind == 3:
         return [h(v=V, type="GRADIENT", trial=0, round=int(rng.integers(0, 40)), compute_s=0,
-                  encode_s=0, apply_s=0), rng.bytes(64)]
+                  encode_s=0, apply_s=0, bytes_peer=0), rng.bytes(64)]
     if kind == 4:
         return [h(v=V, type="ROUND", trial=0, round=int(rng.integers(-2, 1000))), rng.bytes(64)]
     if kind == 5:
-        return [h(v=2, type="HEARTBEAT")]
+        return [h(v=V, type="HEARTBEAT")]
     if kind == 6:
         return [h(v=V, type="TRIAL", trial=0, spec={"d": -1})]
     if kind == 7:

@@ -22,7 +22,13 @@ def test_every_message_type_round_trips():
         (p.ROUND, [b"\x00" * 40], {"trial": 0, "round": 5}),
         (p.ROUND, [b"a", b"bc"], {"trial": 0, "round": 5, "ranks": [0, 2, 3]}),
         (p.GRADIENT, [b"xyz"], {"trial": 1, "round": 0, "compute_s": 0.1, "encode_s": 0,
-                                "apply_s": 0.0}),
+                                "apply_s": 0.0, "bytes_peer": 0}),
+        (p.HELLO, [], {"rank": None, "pid": 12, "peer_port": 5601, "peer_host": "10.0.0.7"}),
+        (p.TRIAL, [], {"trial": 2, "spec": {"d": 10}, "peers": ["tcp://h:5600", None]}),
+        (p.ROUND, [], {"trial": 0, "round": 5, "ranks": [0, 2], "epoch": 1}),
+        (p.ROUND, [b"\x00" * 80], {"trial": 0, "round": 5, "ranks": [0, 2], "epoch": 2}),
+        (p.PART, [b"part"], {"trial": 1, "round": 3, "epoch": 0, "rank": 2}),
+        (p.MEAN, [b""], {"trial": 1, "round": 3, "epoch": 0, "rank": 2}),
         (p.HEARTBEAT, [], {}),
         (p.STOP, [], {}),
         (p.ERROR, [], {"message": "no"}),
@@ -35,12 +41,18 @@ def test_every_message_type_round_trips():
 
 def test_padded_headers_have_a_fixed_size_and_still_parse():
     a = p.build(p.GRADIENT, [b"x"], pad=p.GRADIENT_HEADER, trial=0, round=1, compute_s=0.0,
-                encode_s=0.0, apply_s=0.0)
+                encode_s=0.0, apply_s=0.0, bytes_peer=0)
     b = p.build(p.GRADIENT, [b"x"], pad=p.GRADIENT_HEADER, trial=123456, round=98765432,
-                compute_s=1.2345678901234567, encode_s=9.87654321e-05, apply_s=3.3e-7)
+                compute_s=1.2345678901234567, encode_s=9.87654321e-05, apply_s=3.3e-7,
+                bytes_peer=123_456_789_012)
     assert len(a[0]) == len(b[0]) == p.GRADIENT_HEADER
     assert roundtrip(b).header["round"] == 98765432
     assert roundtrip(b).header_bytes == p.GRADIENT_HEADER
+    c = p.build(p.PART, [b"x"], pad=p.PEER_HEADER, trial=0, round=0, epoch=0, rank=0)
+    d = p.build(p.MEAN, [b"x"], pad=p.PEER_HEADER, trial=123456, round=98765432, epoch=99,
+                rank=4095)
+    assert len(c[0]) == len(d[0]) == p.PEER_HEADER
+    assert roundtrip(d).header["rank"] == 4095
 
 
 def hdr(**h):
@@ -78,6 +90,22 @@ MALFORMED = [
     [hdr(v=1, type="HELLO", pid=1, rank=-2)],
     [hdr(v=1, type="HELLO", pid=1, rank="0")],
     [hdr(v=1, type="WELCOME", rank=0, heartbeat_interval=0, heartbeat_liveness=3)],
+    [hdr(v=p.VERSION, type="GRADIENT", trial=0, round=0, compute_s=0, encode_s=0, apply_s=0),
+     b"x"],  # no bytes_peer
+    [hdr(v=p.VERSION, type="GRADIENT", trial=0, round=0, compute_s=0, encode_s=0, apply_s=0,
+         bytes_peer=-1), b"x"],
+    [hdr(v=p.VERSION, type="HELLO", pid=1, rank=0, peer_port=0)],
+    [hdr(v=p.VERSION, type="HELLO", pid=1, rank=0, peer_port=70000)],
+    [hdr(v=p.VERSION, type="HELLO", pid=1, rank=0, peer_port=5600, peer_host="a b")],
+    [hdr(v=p.VERSION, type="HELLO", pid=1, rank=0, peer_port=5600, peer_host="x/y")],
+    [hdr(v=p.VERSION, type="TRIAL", trial=0, spec={}, peers="tcp://h:1")],
+    [hdr(v=p.VERSION, type="TRIAL", trial=0, spec={}, peers=["ipc:///tmp/x"])],
+    [hdr(v=p.VERSION, type="TRIAL", trial=0, spec={}, peers=["tcp://" + "h" * 400])],
+    [hdr(v=p.VERSION, type="ROUND", trial=0, round=1, ranks=[0, 1], epoch=-1)],
+    [hdr(v=p.VERSION, type="PART", trial=0, round=1, epoch=0, rank=0)],  # no payload
+    [hdr(v=p.VERSION, type="PART", trial=0, round=1, epoch=0), b"x"],  # no rank
+    [hdr(v=p.VERSION, type="MEAN", trial=0, round=1, epoch=-1, rank=0), b"x"],
+    [hdr(v=p.VERSION, type="MEAN", trial=0, round=1, epoch=0, rank=1), b"x", b"y"],
     [hdr(v=1, type="ERROR", message=5)],
     [hdr(v=1, type="READY", trial=2**70)],
     [b"[" * 100000],  # deep nesting, and longer than the header cap
@@ -107,7 +135,8 @@ def test_random_bytes_never_escape_as_another_exception():
         n = int(rng.integers(1, 4))
         frames = [rng.bytes(int(rng.integers(0, 64))) for _ in range(n)]
         if rng.random() < 0.5:  # a JSON-ish prefix gets further into the checks
-            frames[0] = b'{"v":2,"type":"' + rng.choice(list(p.SCHEMA)).encode() + b'"' + frames[0]
+            kind = rng.choice(list(p.SCHEMA)).encode()
+            frames[0] = b'{"v":%d,"type":"%s"' % (p.VERSION, kind) + frames[0]
         try:
             p.parse(frames)
         except ProtocolError:

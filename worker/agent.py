@@ -19,13 +19,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import zmq
 
-from worker import node, protocol
+from worker import curve, node, peers, protocol
 from worker.node import SpecError, TrialSpec, WorkerNode
 from worker.protocol import Liveness, ProtocolError
 
@@ -49,6 +49,10 @@ class AgentOptions:
     timeout: float = 60.0  # seconds to wait for the master before it has welcomed us
     curve_dir: str | None = None  # server.key + client.key_secret (zmq.auth format)
     max_frame: int = DEFAULT_MAX_FRAME
+    # allreduce: where our peer ROUTER listens (default: peers.default_bind(master)) and the
+    # host other agents reach it at (default: the address the master sees us connect from)
+    peer_bind: str | None = None
+    peer_host: str | None = None
 
 
 class _Compute(threading.Thread):
@@ -85,6 +89,25 @@ class _Work:
         self.node = WorkerNode(spec, rank)
         return ("ready", spec.trial)
 
+    def scatter(self, key: tuple[int, int, int], down: Any, relayed: list[Any],
+                members: list[int]) -> tuple[Any, ...]:
+        """allreduce: step the replica with last round's means (or take the master's
+        weights), then the gradient's parts."""
+        nd = self.node
+        t0 = time.perf_counter()
+        w = nd.weights_for_round(None if down is None else protocol.buffer(down),
+                                 [None if p is None else protocol.buffer(p) for p in relayed])
+        apply_s = time.perf_counter() - t0
+        parts, res = nd.scatter(w, key[2], members)
+        return ("parts", key, parts, res, apply_s)
+
+    def reduce(self, key: tuple[int, int, int], members: list[int],
+               parts: list[Any]) -> tuple[Any, ...]:
+        t0 = time.perf_counter()
+        mean = self.node.reduce(key[2], members,
+                                [None if p is None else protocol.buffer(p) for p in parts])
+        return ("mean", key, mean, time.perf_counter() - t0)
+
     def step(self, trial: int, round_: int, weights: Any, ranks: list[int] | None,
              others: list[Any]) -> tuple[str, int, int, node.StepResult, float]:
         nd = self.node
@@ -98,6 +121,22 @@ class _Work:
         apply_s = time.perf_counter() - t0 if nd.spec.topology != "ps" else 0.0
         res = nd.step(w, round_)
         return ("gradient", trial, round_, res, apply_s)
+
+
+@dataclass
+class _Allreduce:
+    """An agent's place in the current allreduce trial."""
+
+    epoch: int = -1  # the master's plan; -1: none yet
+    members: list[int] = field(default_factory=list)
+    bounds: list[tuple[int, int]] = field(default_factory=list)  # each member's chunk
+    round: int | None = None  # the round being worked on
+    phase: str = "idle"  # idle | scatter | parts | reduce | means (ours all sent)
+    start: tuple[int, Any] | None = None  # a ROUND waiting to start: (round, weights | None)
+    # (epoch, round) -> ({rank: part of our chunk}, {owner: mean chunk}), as they arrive
+    inbox: dict[tuple[int, int], tuple[dict[int, Any], dict[int, Any]]] = field(
+        default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
 
 
 class Agent:
@@ -120,6 +159,8 @@ class Agent:
         self.last_sent_round = -1
         self.live = Liveness.start(opts.timeout, 1, time.monotonic())
         self.dropped = 0
+        self.peers: peers.Peers | None = None  # made in run(): binding may fail
+        self.ar = _Allreduce()
 
     # ------------------------------------------------------------ setup
 
@@ -137,18 +178,22 @@ class Agent:
             s.setsockopt(zmq.MAXMSGSIZE, max_size)
             s.setsockopt(zmq.ROUTING_ID, routing_id)
             if self.opts.curve_dir:
-                set_client_curve(s, Path(self.opts.curve_dir))
+                curve.set_client(s, Path(self.opts.curve_dir))
             s.connect(self.opts.master)
 
     def run(self) -> int:
         """Talk to the master until STOP, a refusal, or its silence; returns the exit code."""
         self._connect()
+        self.peers = peers.Peers(self.ctx, self.opts.peer_bind or peers.default_bind(
+            self.opts.master), self.opts.max_frame, self.opts.curve_dir)
         self.compute.start()
-        self._send(protocol.build(protocol.HELLO, rank=self.rank, pid=os.getpid()))
+        self._send(protocol.build(protocol.HELLO, rank=self.rank, pid=os.getpid(),
+                                  peer_port=self.peers.port, peer_host=self.opts.peer_host))
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.hb, zmq.POLLIN)
         poller.register(self.bell, zmq.POLLIN)
+        poller.register(self.peers.router, zmq.POLLIN)
         try:
             while True:
                 now = time.monotonic()
@@ -162,6 +207,8 @@ class Agent:
                     code = self._drain(now)
                     if code is not None:
                         return code
+                if self.peers.router in events:
+                    self._on_peer_messages()
                 now = time.monotonic()
                 if self.live.expired(now):
                     print(f"relufit agent: the master at {self.opts.master} has been silent for "
@@ -177,6 +224,8 @@ class Agent:
         self.compute.join(timeout=1.0)
         self.bell.close(linger=0)
         self.hb.close(linger=0)
+        if self.peers is not None:
+            self.peers.close()
         self.sock.close()
         if not self.compute.is_alive():  # a numpy call still running would hang term()
             self.ctx.term()
@@ -249,11 +298,20 @@ class Agent:
                 raise SpecError(f"rank {self.rank} is not among the trial's {spec.workers}")
         except SpecError as e:
             raise ProtocolError(f"bad trial spec: {e}") from None
+        if spec.topology == "allreduce":
+            endpoints = msg.get("peers")
+            if not isinstance(endpoints, list) or len(endpoints) != spec.workers:
+                raise ProtocolError(f"allreduce TRIAL must list {spec.workers} peer endpoints")
+            self.peers.connect(self.rank, endpoints)
         self.spec, self.next_round, self.last_sent_round = spec, 0, -1
+        self.ar = _Allreduce()
         self.compute.jobs.put(lambda: self.work.start(spec, self.rank))
 
     def _on_round(self, msg: protocol.Message) -> None:
         spec = self.spec
+        if spec is not None and spec.topology == "allreduce" and msg.get("trial") == spec.trial:
+            self._on_allreduce_round(msg)
+            return
         if spec is None or msg.get("trial") != spec.trial or msg.get("round") != self.next_round:
             raise ProtocolError(f"stale ROUND trial {msg.get('trial')} round {msg.get('round')}")
         round_, weights, ranks, others = msg.get("round"), None, None, []
@@ -293,6 +351,9 @@ class Agent:
             msg = f"worker {self.rank} failed: {type(result).__name__}: {result}"
             self._send(protocol.build(protocol.ERROR, message=msg[: protocol.MAX_MESSAGE]))
             return
+        if result[0] in ("parts", "mean"):
+            self._on_allreduce_result(result)
+            return
         if spec is None or result[1] != spec.trial:
             return  # a result of a trial the master has moved past
         if result[0] == "ready":
@@ -303,7 +364,128 @@ class Agent:
         self._send(protocol.build(
             protocol.GRADIENT, [res.payload], pad=protocol.GRADIENT_HEADER, trial=trial,
             round=round_, compute_s=res.compute_s, encode_s=res.encode_s, apply_s=apply_s,
+            bytes_peer=0,
         ))
+
+    # ------------------------------------------------------------ allreduce
+    #
+    # A round: ROUND r from the master starts it once last round's mean chunks are all here
+    # (or it re-syncs us to the master's weights); the compute thread steps the replica and
+    # cuts the gradient into parts, sent to their chunks' owners (PART); once every other
+    # member's part of our chunk is here, the compute thread makes its mean, which goes to
+    # every other member (MEAN) and, in our GRADIENT, to the master. Peers' messages may
+    # run ahead of ours by a round (and by an epoch, after a re-plan): they wait in
+    # ``ar.inbox`` until we get there.
+
+    def _on_allreduce_round(self, msg: protocol.Message) -> None:
+        spec, ar, round_ = self.spec, self.ar, msg.get("round")
+        epoch = msg.get("epoch")
+        if epoch is None:  # the next round of the current plan
+            if ar.epoch < 0 or round_ != self.next_round or msg.payloads:
+                raise ProtocolError(f"stale allreduce ROUND {round_} (expected {self.next_round})")
+            ar.start = (round_, None)
+        else:  # a (re)plan: new members, new epoch; after a loss, the master's weights
+            ranks = msg.get("ranks")
+            if epoch <= ar.epoch or round_ not in (self.next_round - 1, self.next_round):
+                raise ProtocolError(f"stale allreduce plan (epoch {epoch}, round {round_})")
+            if not ranks or self.rank not in ranks or ranks[-1] >= spec.workers:
+                raise ProtocolError(f"allreduce plan {ranks} does not fit rank {self.rank}")
+            weights = None
+            if msg.payloads:
+                if (len(msg.payloads) != 1
+                        or protocol.frame_bytes(msg.payloads[0]) != 8 * spec.d):
+                    raise ProtocolError(f"allreduce re-plan must carry {8 * spec.d} bytes")
+                weights = msg.payloads[0]
+            elif round_ > 0:
+                raise ProtocolError("allreduce re-plan after round 0 without the weights")
+            inbox = {k: v for k, v in ar.inbox.items() if k[0] == epoch}
+            self.ar = ar = _Allreduce(epoch=epoch, members=list(ranks), inbox=inbox,
+                                      start=(round_, weights))
+            ar.bounds = node.chunk_bounds(spec, len(ranks))
+        self.next_round = round_ + 1
+        self._advance()
+
+    def _on_peer_messages(self) -> None:
+        spec, ar = self.spec, self.ar
+        for sender, msg in self.peers.receive():
+            key = (msg.get("epoch"), msg.get("round"))
+            # Ours may still wait for the means of ar.round while the master's next ROUND
+            # (or two) is here: accept from the round we work on to the newest announced.
+            oldest = self.next_round - 1 if ar.round is None else ar.round
+            if (spec is None or spec.topology != "allreduce" or msg.get("trial") != spec.trial
+                    or key[0] not in (ar.epoch, ar.epoch + 1)
+                    or not oldest <= key[1] <= self.next_round
+                    or sender == self.rank or sender >= spec.workers):
+                self._dropped(ProtocolError(f"stale or foreign {msg.type} {key} from {sender}"))
+                continue
+            box = ar.inbox.setdefault(key, ({}, {}))
+            box[0 if msg.type == protocol.PART else 1][sender] = msg.payloads[0]
+        self._advance()
+
+    def _advance(self) -> None:
+        """Hand the compute thread whatever the messages in hand allow."""
+        ar, spec = self.ar, self.spec
+        if ar.start is not None and ar.phase in ("idle", "means"):
+            round_, weights = ar.start
+            relayed: list[Any] = []
+            if weights is None and ar.round is not None:
+                means = ar.inbox.get((ar.epoch, ar.round), ({}, {}))[1]
+                if any(o != self.rank and hi > lo and o not in means
+                       for o, (lo, hi) in zip(ar.members, ar.bounds, strict=True)):
+                    return  # last round's means are not all here yet
+                relayed = [None if o == self.rank and hi > lo else means.get(o, b"")
+                           for o, (lo, hi) in zip(ar.members, ar.bounds, strict=True)]
+            ar.inbox.pop((ar.epoch, ar.round), None)
+            ar.round, ar.start, ar.phase = round_, None, "scatter"
+            key, members = (spec.trial, ar.epoch, round_), list(ar.members)
+            self.compute.jobs.put(
+                lambda: self.work.scatter(key, weights, relayed, members))
+        elif ar.phase == "parts":
+            parts = ar.inbox.get((ar.epoch, ar.round), ({}, {}))[0]
+            if all(m in parts for m in ar.members if m != self.rank):
+                ar.phase = "reduce"
+                key, members = (spec.trial, ar.epoch, ar.round), list(ar.members)
+                mine = [None if m == self.rank else parts[m] for m in members]
+                self.compute.jobs.put(lambda: self.work.reduce(key, members, mine))
+
+    def _on_allreduce_result(self, result: tuple[Any, ...]) -> None:
+        ar, spec = self.ar, self.spec
+        key = result[1]
+        if spec is None or key != (spec.trial, ar.epoch, ar.round):
+            return  # a round the master has re-planned, or a past trial
+        if result[0] == "parts":
+            _, _, parts, res, apply_s = result
+            ar.stats = {"compute_s": res.compute_s, "encode_s": res.encode_s,
+                        "apply_s": apply_s, "bytes_peer": 0}
+            for owner, part in zip(ar.members, parts, strict=True):
+                if owner != self.rank and len(part):
+                    ar.stats["bytes_peer"] += self._to_peer(owner, protocol.PART, part)
+            lo, hi = ar.bounds[ar.members.index(self.rank)]
+            if hi == lo:  # no chunk of ours this round: nothing to reduce
+                self._report(b"")
+            else:
+                ar.phase = "parts"
+        else:
+            _, _, mean, reduce_s = result
+            ar.stats["encode_s"] += reduce_s
+            for m in ar.members:
+                if m != self.rank:
+                    ar.stats["bytes_peer"] += self._to_peer(m, protocol.MEAN, mean)
+            self._report(mean)
+        self._advance()
+
+    def _to_peer(self, rank: int, type_: str, payload: bytes) -> int:
+        ar = self.ar
+        return self.peers.send(rank, protocol.build(
+            type_, [payload], pad=protocol.PEER_HEADER, trial=self.spec.trial, round=ar.round,
+            epoch=ar.epoch, rank=self.rank))
+
+    def _report(self, mean: bytes) -> None:
+        """Our GRADIENT to the master: our mean chunk and the round's figures."""
+        ar = self.ar
+        ar.phase = "means"
+        self._send(protocol.build(protocol.GRADIENT, [mean], pad=protocol.GRADIENT_HEADER,
+                                  trial=self.spec.trial, round=ar.round, **ar.stats))
 
     def _heartbeat(self, now: float) -> None:
         try:
@@ -318,32 +500,6 @@ class Agent:
         self.sock.send_multipart(frames, copy=len(frames[-1]) < 65536)
 
 
-def load_key(path: Path, secret: bool) -> tuple[bytes, bytes | None]:
-    import zmq.auth
-
-    if not path.is_file():
-        raise AgentError(f"{path}: no such key file (make keys with zmq.auth.create_certificates)")
-    if secret and path.stat().st_mode & 0o077:
-        raise AgentError(f"{path}: secret key readable by others; chmod 600 {path}")
-    try:
-        return zmq.auth.load_certificate(str(path))
-    except (ValueError, OSError) as e:
-        raise AgentError(f"{path}: not a ZeroMQ certificate ({type(e).__name__})") from None
-
-
-def set_client_curve(sock: zmq.Socket, curve_dir: Path) -> None:
-    """CurveZMQ client: the master's public key (server.key) and our pair (client.key_secret).
-
-    Key files are in the format ``zmq.auth.create_certificates`` writes; a secret key file
-    must not be readable by others. Keys are never printed or logged."""
-    server_public, _ = load_key(curve_dir / "server.key", secret=False)
-    public, secret = load_key(curve_dir / "client.key_secret", secret=True)
-    if secret is None:
-        raise AgentError(f"{curve_dir / 'client.key_secret'}: holds no secret key")
-    sock.curve_secretkey, sock.curve_publickey = secret, public
-    sock.curve_serverkey = server_public
-
-
 def run_agent(opts: AgentOptions) -> int:
     """Entry point of ``relufit agent``: one line on stderr for anything that goes wrong."""
     logging.basicConfig(level=logging.WARNING, format="relufit agent: %(message)s")
@@ -351,6 +507,13 @@ def run_agent(opts: AgentOptions) -> int:
         raise AgentError(f"--master must look like tcp://HOST:PORT, got {opts.master!r}")
     if opts.rank is not None and opts.rank < 0:
         raise AgentError(f"--rank must be >= 0, got {opts.rank}")
+    if opts.peer_host is not None and not protocol.valid_peer_host(opts.peer_host):
+        raise AgentError(f"--peer-host must be a host name or address, got {opts.peer_host!r}")
+    if opts.peer_bind is not None:
+        try:
+            peers.parse_bind(opts.peer_bind)
+        except peers.PeerBindError as e:
+            raise AgentError(str(e)) from None
     agent = Agent(opts)
     try:
         return agent.run()
@@ -358,3 +521,5 @@ def run_agent(opts: AgentOptions) -> int:
         return 130
     except zmq.ZMQError as e:
         raise AgentError(f"cannot talk to {opts.master}: {e}") from None
+    except (curve.KeyFileError, peers.PeerBindError) as e:
+        raise AgentError(str(e)) from None

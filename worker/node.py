@@ -16,8 +16,9 @@ from __future__ import annotations
 import functools
 import os
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,7 @@ from worker import qsgd, relu
 
 SCHEMES = ("none", "qsgd")
 CODINGS = ("elias", "fixed")
-TOPOLOGIES = ("ps", "allgather", "broadcast")
+TOPOLOGIES = ("ps", "allgather", "broadcast", "allreduce")
 MAX_D = 1 << 28
 
 
@@ -115,6 +116,17 @@ def decode_weights(payload: bytes | memoryview, d: int) -> np.ndarray:
     return np.frombuffer(payload, dtype="<f4").astype(np.float64)
 
 
+def encode_weights64(w: np.ndarray) -> bytes:
+    """The master's weights exactly (little-endian float64): how replicas are re-synced."""
+    return np.asarray(w, dtype="<f8").tobytes()
+
+
+def decode_weights64(payload: bytes | memoryview, d: int) -> np.ndarray:
+    if len(payload) != 8 * d:
+        raise SpecError(f"float64 weights payload has {len(payload)} bytes, expected {8 * d}")
+    return np.frombuffer(payload, dtype="<f8").copy()
+
+
 def encode_gradient(g: np.ndarray, spec: TrialSpec, rng: np.random.Generator) -> bytes:
     """float32 for scheme 'none'; QSGD's self-describing payload for 'qsgd'."""
     if spec.scheme == "none":
@@ -194,6 +206,40 @@ def aggregate(payloads: list[bytes | memoryview | np.ndarray], spec: TrialSpec) 
     return total / len(payloads)
 
 
+# ---------------------------------------------------------------- allreduce
+
+
+def chunk_bounds(spec: TrialSpec, members: int) -> list[tuple[int, int]]:
+    """``allreduce``: the contiguous coordinate range ``[lo, hi)`` of each of ``members``
+    chunks. With QSGD buckets (``0 < bucket_size < d``) the cuts fall on bucket boundaries,
+    so quantizing chunk by chunk is quantizing the whole vector bucket by bucket; otherwise
+    (float32, or one bucket) the cuts are even and each chunk is its own bucket. A chunk is
+    empty when there are fewer buckets than members."""
+    b = spec.bucket_size if spec.scheme == "qsgd" and 0 < spec.bucket_size < spec.d else 1
+    units = -(-spec.d // b)
+    cuts = [min(spec.d, (j * units // members) * b) for j in range(members + 1)]
+    return list(zip(cuts[:-1], cuts[1:], strict=True))
+
+
+def chunk_spec(spec: TrialSpec, lo: int, hi: int) -> TrialSpec:
+    """The spec a chunk's payloads are encoded and checked with: the trial's, at d = hi - lo."""
+    return replace(spec, d=hi - lo)
+
+
+def assemble(means: Sequence[bytes | memoryview | np.ndarray], spec: TrialSpec) -> np.ndarray:
+    """``allreduce``: the round's mean gradient from its mean chunks, one per member in rank
+    order (b"" for an empty chunk; a vector where it is already decoded). Raises ValueError on
+    a payload that does not fit its chunk."""
+    g = np.empty(spec.d)
+    for (lo, hi), p in zip(chunk_bounds(spec, len(means)), means, strict=True):
+        if hi == lo:
+            if len(p):
+                raise SpecError("a payload for an empty chunk")
+            continue
+        g[lo:hi] = p if isinstance(p, np.ndarray) else decode_gradient(p, chunk_spec(spec, lo, hi))
+    return g
+
+
 # ---------------------------------------------------------------- the worker
 
 
@@ -218,6 +264,9 @@ class WorkerNode:
             self.X, self.y = relu.shard(spec.d, spec.n, spec.seed, rank, spec.workers)
         self.w = np.zeros(spec.d)  # replica, used by the allgather and broadcast topologies
         self.own: np.ndarray | None = None  # allgather: the vector of our last payload
+        # allreduce: the vectors of our own chunk of this round's gradient and of its mean
+        self.own_part: np.ndarray | None = None
+        self.own_mean: np.ndarray | None = None
 
     def gradient(self, w: np.ndarray, round_: int) -> np.ndarray:
         s = self.spec
@@ -254,15 +303,72 @@ class WorkerNode:
         if len(payload):
             self.w = self.w - self.spec.lr * decode_gradient(payload, self.spec)
 
+    def scatter(self, w: np.ndarray, round_: int,
+                members: Sequence[int]) -> tuple[list[bytes], StepResult]:
+        """allreduce, phase 1: the mini-batch gradient at ``w``, cut into one chunk per member
+        (``chunk_bounds``), each quantized in chunk order with our own generator and encoded;
+        part j goes to ``members[j]`` (b"" for an empty chunk). We keep our own part's vector,
+        so we never decode it. The StepResult's payload is unused (b"")."""
+        t0 = time.perf_counter()
+        g = self.gradient(w, round_)
+        t1 = time.perf_counter()
+        parts: list[bytes] = []
+        for (lo, hi), owner in zip(chunk_bounds(self.spec, len(members)), members, strict=True):
+            if hi == lo:
+                parts.append(b"")
+                continue
+            cs = chunk_spec(self.spec, lo, hi)
+            if owner == self.rank:
+                payload, self.own_part = encode_exact(g[lo:hi], cs, self.quant_rng)
+            else:
+                payload = encode_gradient(g[lo:hi], cs, self.quant_rng)
+            parts.append(payload)
+        return parts, StepResult(b"", t1 - t0, time.perf_counter() - t1)
+
+    def reduce(self, round_: int, members: Sequence[int],
+               parts: Sequence[bytes | memoryview | None]) -> bytes:
+        """allreduce, phase 2: the mean of our chunk over every member's part (rank order;
+        ``None`` for our own), quantized once more from ``relu.mean_quant_rng(seed, round,
+        chunk)`` and encoded; b"" when our chunk is empty. We keep the mean's vector."""
+        j = list(members).index(self.rank)
+        lo, hi = chunk_bounds(self.spec, len(members))[j]
+        if hi == lo:
+            self.own_mean = np.empty(0)
+            return b""
+        if self.own_part is None:
+            raise SpecError("asked to reduce a chunk before scattering our gradient")
+        cs = chunk_spec(self.spec, lo, hi)
+        mean = aggregate([self.own_part if p is None else p for p in parts], cs)
+        payload, self.own_mean = encode_exact(mean, cs,
+                                              relu.mean_quant_rng(self.spec.seed, round_, j))
+        return payload
+
+    def gather(self, means: Sequence[bytes | memoryview | None]) -> None:
+        """allreduce, phase 3: step the replica with the round's mean gradient, rebuilt from
+        every member's mean chunk (rank order; ``None`` for our own), as the master does."""
+        if not means:
+            return
+        if self.own_mean is None and any(p is None for p in means):
+            raise SpecError("asked to apply our own mean chunk before we made one")
+        g = assemble([self.own_mean if p is None else p for p in means], self.spec)
+        self.w = self.w - self.spec.lr * g
+
     def weights_for_round(self, down: bytes | memoryview | None,
                           relayed: list[bytes | memoryview | None]) -> np.ndarray:
         """Where this round's gradient is taken: the master's float32 weights (ps), or the
-        replica after the master's encoded mean (broadcast) or last round's gradients in rank
-        order (allgather; ``None`` in our own rank's place)."""
-        if self.spec.topology == "ps":
+        replica after the master's encoded mean (broadcast), last round's gradients in rank
+        order (allgather; ``None`` in our own rank's place) or last round's mean chunks
+        (allreduce, likewise). In allreduce, ``down`` is the master's float64 weights when
+        the chunks were re-planned after a lost worker: the replica takes them as they are."""
+        topology = self.spec.topology
+        if topology == "ps":
             return decode_weights(down, self.spec.d)
-        if self.spec.topology == "broadcast":
+        if topology == "broadcast":
             self.apply_update(down)
-        else:
+        elif topology == "allgather":
             self.apply(relayed)
+        elif down is not None:
+            self.w = decode_weights64(down, self.spec.d)
+        else:
+            self.gather(relayed)
         return self.w

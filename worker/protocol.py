@@ -8,18 +8,30 @@ dropping the frame: a malformed frame never crashes anyone.
 
 Conversation (master M, agent A):
 
-    A -> M  HELLO      {rank | null, pid}           version checked here, both ways
+    A -> M  HELLO      {rank | null, pid, peer_port?, peer_host?}   version checked, both ways
     M -> A  WELCOME    {rank, heartbeat_interval, heartbeat_liveness}
-    M -> A  TRIAL      {spec}                        the TrialSpec as JSON
+    M -> A  TRIAL      {spec, peers?}                the TrialSpec as JSON; allreduce: every
+                                                     rank's peer endpoint (null: lost)
     A -> M  READY      {trial}                       shard built
-    M -> A  ROUND      {trial, round, ranks?}        ps: [float32 weights];
+    M -> A  ROUND      {trial, round, ranks?, epoch?}
+                                                     ps: [float32 weights];
                                                      allgather: [others' last payloads];
-                                                     broadcast: [encoded mean] (b"" in round 0)
-    A -> M  GRADIENT   {trial, round, compute_s, encode_s, apply_s}  [encoded gradient]
+                                                     broadcast: [encoded mean] (b"" in round 0);
+                                                     allreduce: nothing, or when the chunks are
+                                                     (re)planned the members (ranks) and a new
+                                                     epoch, with [float64 weights] after a loss
+    A -> M  GRADIENT   {trial, round, compute_s, encode_s, apply_s, bytes_peer}
+                                                     [encoded gradient]; allreduce: [our mean
+                                                     chunk] (b"" when our chunk is empty)
     both    HEARTBEAT  {}                            on the heartbeat connection (below);
                                                      any traffic also counts as one
     M -> A  STOP       {}                            the run is over: exit 0
     both    ERROR      {message}                     the peer gives up (e.g. version mismatch)
+
+Between agents (allreduce; each agent's peer ROUTER, the others' DEALERs):
+
+    A -> A  PART       {trial, round, epoch, rank}   [sender's part of the receiver's chunk]
+    A -> A  MEAN       {trial, round, epoch, rank}   [the sender's mean chunk]
 """
 
 from __future__ import annotations
@@ -29,7 +41,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-VERSION = 2  # 2: heartbeats on a connection of their own (HEARTBEAT_SUFFIX)
+VERSION = 3  # 2: heartbeats on a connection of their own; 3: allreduce (PART, MEAN)
 
 HELLO = "HELLO"
 WELCOME = "WELCOME"
@@ -40,6 +52,8 @@ GRADIENT = "GRADIENT"
 HEARTBEAT = "HEARTBEAT"
 STOP = "STOP"
 ERROR = "ERROR"
+PART = "PART"
+MEAN = "MEAN"
 
 # An agent opens two connections to the master: data, and heartbeats only, whose routing id
 # is the data connection's plus this suffix. Heartbeats (both ways) go on the second, so a
@@ -52,8 +66,9 @@ MAX_RANKS = 4096
 MAX_MESSAGE = 400  # characters of an ERROR message kept
 # GRADIENT and ps ROUND headers are padded with spaces (valid JSON whitespace) to a fixed
 # size, so a round's framing overhead is a constant: bytes_up = payloads + M * GRADIENT_HEADER.
-GRADIENT_HEADER = 160
+GRADIENT_HEADER = 192
 ROUND_HEADER = 96
+PEER_HEADER = 96  # PART and MEAN, likewise: bytes_peer = payloads + PEER_HEADER per message
 
 _INT, _NUM, _STR = "int", "num", "str"
 # The fields each type must carry (beyond v and type), and their kinds.
@@ -64,14 +79,18 @@ SCHEMA: dict[str, dict[str, str]] = {
     READY: {"trial": _INT},
     ROUND: {"trial": _INT, "round": _INT},
     GRADIENT: {"trial": _INT, "round": _INT, "compute_s": _NUM, "encode_s": _NUM,
-               "apply_s": _NUM},
+               "apply_s": _NUM, "bytes_peer": _INT},
+    PART: {"trial": _INT, "round": _INT, "epoch": _INT, "rank": _INT},
+    MEAN: {"trial": _INT, "round": _INT, "epoch": _INT, "rank": _INT},
     HEARTBEAT: {},
     STOP: {},
     ERROR: {"message": _STR},
 }
 PAYLOADS = {  # how many payload frames each type may carry: (min, max)
-    ROUND: (0, MAX_RANKS), GRADIENT: (1, 1),
+    ROUND: (0, MAX_RANKS), GRADIENT: (1, 1), PART: (1, 1), MEAN: (1, 1),
 }
+PEER_TYPES = (PART, MEAN)
+MAX_ENDPOINT = 300  # characters of a peer endpoint (tcp://HOST:PORT)
 # Types readable whatever the sender's version, so a mismatch can be reported clearly.
 ANY_VERSION = (HELLO, ERROR)
 
@@ -154,25 +173,54 @@ def _check_extras(type_: str, header: dict[str, Any], n_payloads: int) -> None:
         rank = header.get("rank")
         if rank is not None and not (_is_int(rank) and 0 <= rank < 1 << 20):
             raise ProtocolError(f"HELLO rank must be null or a small integer, got {rank!r}")
+        _check_peer_address(header)
     elif type_ == TRIAL:
         if not isinstance(header.get("spec"), dict):
             raise ProtocolError("TRIAL carries no spec object")
+        peers = header.get("peers")
+        if peers is not None and not (
+                isinstance(peers, list) and len(peers) <= MAX_RANKS
+                and all(p is None or (isinstance(p, str) and p.startswith("tcp://")
+                                      and len(p) <= MAX_ENDPOINT) for p in peers)):
+            raise ProtocolError("TRIAL peers must be a list of tcp:// endpoints or nulls")
     elif type_ == ROUND and "ranks" in header:
         ranks = header["ranks"]
         if not (isinstance(ranks, list) and len(ranks) <= MAX_RANKS
                 and all(_is_int(r) and r >= 0 for r in ranks) and ranks == sorted(set(ranks))):
             raise ProtocolError("ROUND ranks must be a sorted list of distinct ranks")
+        if "epoch" in header and not (_is_int(header["epoch"]) and header["epoch"] >= 0):
+            raise ProtocolError("ROUND epoch must be an integer >= 0")
     elif type_ == WELCOME:
         if header["heartbeat_interval"] <= 0 or header["heartbeat_liveness"] < 1:
             raise ProtocolError("WELCOME heartbeat settings must be positive")
     elif type_ == GRADIENT:
-        for key in ("compute_s", "encode_s", "apply_s"):
+        for key in ("compute_s", "encode_s", "apply_s", "bytes_peer"):
             if header[key] < 0:
                 raise ProtocolError(f"GRADIENT {key} must be >= 0")
-    if type_ in (TRIAL, READY, ROUND, GRADIENT):
-        for key in ("trial", "round"):
+    if type_ in (TRIAL, READY, ROUND, GRADIENT, PART, MEAN):
+        for key in ("trial", "round", "epoch", "rank"):
             if key in header and header[key] < 0:
                 raise ProtocolError(f"{type_} {key} must be >= 0")
+
+
+def _check_peer_address(header: dict[str, Any]) -> None:
+    """HELLO's optional peer endpoint: a port, and a host name or address without spaces."""
+    port, host = header.get("peer_port"), header.get("peer_host")
+    if port is not None and not (_is_int(port) and 0 < port < 65536):
+        raise ProtocolError(f"HELLO peer_port must be null or a TCP port, got {port!r}")
+    if host is not None and not valid_peer_host(host):
+        raise ProtocolError("HELLO peer_host must be null or a host name or address")
+
+
+def valid_peer_host(host: Any) -> bool:
+    """A host name or address that fits in an endpoint: printable, no spaces or slashes."""
+    return (isinstance(host, str) and 0 < len(host) <= 255 and host.isprintable()
+            and " " not in host and "/" not in host)
+
+
+def peer_endpoint(host: str, port: int) -> str:
+    """``tcp://HOST:PORT``, with an IPv6 address in brackets."""
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
 
 
 def _check_field(header: dict[str, Any], name: str, kind: str) -> None:

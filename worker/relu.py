@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 # Stream ids keep the generators of different purposes independent for one seed.
-_WSTAR, _BLOCK, _ONLINE, _BATCH, _QUANT, _QUANT_DOWN = 1, 2, 3, 4, 5, 6
+_WSTAR, _BLOCK, _ONLINE, _BATCH, _QUANT, _QUANT_DOWN, _QUANT_MEAN = 1, 2, 3, 4, 5, 6, 7
 _BLOCK_ELEMENTS = 1 << 18  # ~2 MiB of float64 per generated block
 
 
@@ -40,6 +40,12 @@ def quant_rng(seed: int, rank: int) -> np.random.Generator:
 def down_quant_rng(seed: int) -> np.random.Generator:
     """The generator the master uses to quantize the mean it broadcasts (``broadcast``)."""
     return _rng(_QUANT_DOWN, seed)
+
+
+def mean_quant_rng(seed: int, round_: int, chunk: int) -> np.random.Generator:
+    """The generator that quantizes mean chunk ``chunk`` of round ``round_`` (``allreduce``):
+    whoever owns the chunk draws the same numbers, so a re-planned chunk stays reproducible."""
+    return _rng(_QUANT_MEAN, seed, round_, chunk)
 
 
 def planted_weights(d: int, seed: int) -> np.ndarray:
