@@ -155,7 +155,7 @@ def alive_relufit(state, node: int, run_id: str) -> list[str]:
 def test_run_on_cluster_matches_sim_and_brings_results_home(deployed, tmp_path):
     c, state = deployed
     exp_file = write_exp(tmp_path / "exp.toml", sweep='[sweep]\n"cluster.topology" = '
-                                                      '["ps", "allgather"]')
+                                                      '["ps", "allgather", "allreduce"]')
     out = tmp_path / "results"
     proc = relufit("run", str(exp_file), "--cluster", c.name, "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -163,15 +163,18 @@ def test_run_on_cluster_matches_sim_and_brings_results_home(deployed, tmp_path):
     assert dest.parent == out
     assert "waiting for 3 agents" in proc.stderr and "(CurveZMQ)" in proc.stderr  # streamed
     run = load_run(dest)
-    assert [t["status"] for t in run["summary"]["trials"]] == ["completed", "completed"]
+    assert [t["status"] for t in run["summary"]["trials"]] == ["completed"] * 3
 
     sim = run_experiment(load_experiment(exp_file), SimPool(), tmp_path / "sim", "sim",
                          progress=lambda line: None)
     ref = load_run(sim)["metrics"]
     got = run["metrics"]
-    assert len(got["rel_error"]) == len(ref["rel_error"]) == 120
+    assert len(got["rel_error"]) == len(ref["rel_error"]) == 180
     np.testing.assert_allclose(got["rel_error"], ref["rel_error"], rtol=1e-9, atol=0)
     assert got["bytes_up"].sum() > 0
+    # allreduce: the workers' bytes went worker to worker, over their CurveZMQ peer sockets
+    peer = got["bytes_peer"][got["trial"] == 2]
+    assert (peer > 0).all() and (got["bytes_peer"][got["trial"] < 2] == 0).all()
 
     # node logs come home, by rank; ranks round-robin over the two worker nodes
     placement = json.loads((dest / "nodes" / "placement.json").read_text())
@@ -200,10 +203,13 @@ def test_run_on_cluster_matches_sim_and_brings_results_home(deployed, tmp_path):
         (dest / "metrics.csv").read_text()
 
 
-@pytest.mark.parametrize("policy", ["continue", "abort"])
-def test_node_killed_mid_run_follows_the_loss_policy(deployed, tmp_path, policy):
+@pytest.mark.parametrize("policy, topology", [("continue", "ps"), ("abort", "ps"),
+                                              ("continue", "allreduce"),
+                                              ("abort", "allreduce")])
+def test_node_killed_mid_run_follows_the_loss_policy(deployed, tmp_path, policy, topology):
     c, state = deployed
-    exp_file = write_exp(tmp_path / "exp.toml", rounds=600, policy=policy)
+    exp_file = write_exp(tmp_path / "exp.toml", rounds=600, policy=policy,
+                         sweep=f'[sweep]\n"cluster.topology" = ["{topology}"]')
     out = tmp_path / "results"
     with cluster_run(c, state, exp_file, out, 30) as (proc, run_id):
         # SIGKILL the agent of rank 1 (on node 2), as a crashed machine would
