@@ -138,6 +138,10 @@ region_option = click.option(
     "--region", default=None,
     help="AWS region (default: AWS_REGION, AWS_DEFAULT_REGION, then the AWS_PROFILE's).")
 yes_option = click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+idle_minutes_option = click.option(
+    "--idle-minutes", type=float, default=None, metavar="N",
+    help="Autostop: a node with no relufit run for N minutes tears itself down (EC2: it "
+         "terminates; netns, hosts: relufit's processes stop) [default: 30; 0: never].")
 
 
 @cli.group()
@@ -173,17 +177,18 @@ def cluster() -> None:
               help="netns: the master's link [default: as --bandwidth].")
 @click.option("--hosts-file", default=None, type=click.Path(dir_okay=False),
               help="hosts: TOML file listing the machines (the first runs the master).")
+@idle_minutes_option
 @yes_option
 def cluster_up(provider: str, spec_file: str | None, dry_run: bool, yes: bool,
                bandwidth: str | None, master_bandwidth: str | None, hosts_file: str | None,
-               **flags) -> None:
+               idle_minutes: float | None, **flags) -> None:
     """Create a cluster: one master and --workers workers."""
     if provider == "hosts":
-        _hosts_up(flags, hosts_file, bandwidth or master_bandwidth)
+        _hosts_up(flags, hosts_file, bandwidth or master_bandwidth, idle_minutes)
         return
     if provider == "netns":  # --spec and --dry-run are EC2's: refused by name
         _netns_up({**flags, "spec": spec_file, "dry_run": dry_run or None}, bandwidth,
-                  master_bandwidth)
+                  master_bandwidth, idle_minutes)
         return
     if bandwidth or master_bandwidth:
         raise ConfigError("--bandwidth", "shapes emulated links: only with --provider netns")
@@ -192,14 +197,17 @@ def cluster_up(provider: str, spec_file: str | None, dry_run: bool, yes: bool,
     from orchestrator.cluster import load_spec
     from orchestrator.providers import ec2
 
-    spec = load_spec(spec_file, flags)
+    spec = load_spec(spec_file, {**flags, "idle_minutes": idle_minutes})
     c = ec2.up(spec, confirm=_confirm(yes), progress=echo_progress, dry_run_only=dry_run)
     if c is not None:
         click.echo(c.name)
 
 
-def _netns_up(flags: dict, bandwidth: str | None, master_bandwidth: str | None) -> None:
+def _netns_up(flags: dict, bandwidth: str | None, master_bandwidth: str | None,
+              idle_minutes: float | None) -> None:
     """`cluster up --provider netns`: emulated hosts on this machine (Linux, root)."""
+    from orchestrator import autostop
+    from orchestrator.cluster import check_idle_minutes, load_cluster
     from orchestrator.providers import netns
 
     ec2_only = [k for k, v in flags.items() if v is not None and k not in ("name", "workers")]
@@ -207,8 +215,10 @@ def _netns_up(flags: dict, bandwidth: str | None, master_bandwidth: str | None) 
         raise ConfigError("--" + ec2_only[0].replace("_", "-"), "only with --provider ec2")
     if not flags["name"]:
         raise ConfigError("--name", "an emulated cluster needs a name")
+    minutes = check_idle_minutes(idle_minutes, "netns")
     c = netns.up(flags["name"], flags["workers"] or 2, bandwidth, master_bandwidth,
                  progress=echo_progress)
+    autostop.apply(load_cluster(c.name), minutes, echo_progress)
     click.echo(c.name)
 
 
@@ -242,6 +252,7 @@ def cluster_down(name: str, region: str | None) -> None:
 @region_option
 def cluster_status(name: str, region: str | None) -> None:
     """Nodes of cluster NAME: ranks, roles, addresses and states."""
+    from orchestrator import autostop
     from orchestrator.cluster import check_name, read_cluster
     from orchestrator.providers import netns
 
@@ -250,6 +261,8 @@ def cluster_status(name: str, region: str | None) -> None:
         for n in local.nodes:
             click.echo(f"{n.rank:>4}  {n.role:<6}  {n.user}@{n.address}:{n.port}  "
                        f"{n.private_address}")
+        for line in autostop.echo_lines(autostop.node_states(local)):
+            click.echo(line)
         return
     if local is None and netns.exists(name):  # down, or an `up` that did not finish
         if netns.leftovers(name):
@@ -259,7 +272,7 @@ def cluster_status(name: str, region: str | None) -> None:
                            f"netns --name {name}` makes it again")
     from orchestrator.providers import ec2
 
-    _, rows = ec2.status(name, region)
+    c, rows = ec2.status(name, region)
     if not rows:
         raise RelufitError(f"no cluster {name!r} found: `relufit cluster list` shows them")
     click.echo(f"{'rank':>4}  {'role':<6}  {'instance':<19}  {'type':<10}  {'state':<13}  "
@@ -267,6 +280,10 @@ def cluster_status(name: str, region: str | None) -> None:
     for r in rows:
         click.echo(f"{r['rank']:>4}  {r['role']:<6}  {r['instance_id']:<19}  {r['type']:<10}  "
                    f"{r['state']:<13}  {r['public_ip']:<15}  {r['private_ip']:<15}  {r['zone']}")
+    if c is not None:  # its live nodes
+        launched = {r["rank"]: (r["idle_minutes"], r["launch_time"]) for r in rows}
+        for line in autostop.echo_lines(autostop.node_states(c, launched)):
+            click.echo(line)
 
 
 @cluster.command("list")
@@ -337,8 +354,11 @@ def cluster_gc(region: str | None, yes: bool) -> None:
 # ------------------------------------------------------- deploy / fetch / logs / stop / ami
 
 
-def _hosts_up(flags: dict, hosts_file: str | None, bandwidth: str | None) -> None:
+def _hosts_up(flags: dict, hosts_file: str | None, bandwidth: str | None,
+              idle_minutes: float | None) -> None:
     """`cluster up --provider hosts`: machines listed in a hosts file."""
+    from orchestrator import autostop
+    from orchestrator.cluster import check_idle_minutes
     from orchestrator.providers import hosts
 
     others = [k for k, v in flags.items() if v is not None and k != "name"]
@@ -349,7 +369,9 @@ def _hosts_up(flags: dict, hosts_file: str | None, bandwidth: str | None) -> Non
         raise ConfigError("--hosts-file", "--provider hosts needs --hosts-file hosts.toml")
     if not flags["name"]:
         raise ConfigError("--name", "a hosts cluster needs a name")
-    click.echo(hosts.up(flags["name"], hosts_file, echo_progress).name)
+    minutes = check_idle_minutes(idle_minutes, "hosts")
+    c = hosts.up(flags["name"], hosts_file, echo_progress)
+    click.echo(autostop.apply(c, minutes, echo_progress).name)
 
 
 def _find_cluster(name: str):

@@ -32,6 +32,7 @@ import ipaddress
 import math
 import os
 import random
+import shlex
 import time
 import urllib.request
 import uuid
@@ -79,6 +80,7 @@ TAG_ROLE = "relufit:role"
 TAG_RANK = "relufit:rank"
 TAG_USER = "relufit:user"
 TAG_LAUNCH = "relufit:launch"
+TAG_IDLE = "relufit:idle-minutes"  # autostop's limit, for `status` when SSH cannot say
 TAG_AMI = "relufit:ami"  # on images built by `relufit ami build`
 RELUFIT_PORTS = (5555, 5655)  # TCP, inclusive: master and agent sockets, open within the group
 UBUNTU_OWNER = "099720109477"  # Canonical
@@ -344,7 +346,8 @@ class Plan:
         return (f"Cluster {s.name} in {self.region}: master {s.master_type} + {s.workers} x "
                 f"{s.instance_type} ({market}), image {self.image_id} ({self.image_name}), "
                 f"zones in order {zones}, SSH from {s.ssh_cidr}, self-terminating after "
-                f"{s.max_hours:g} h")
+                f"{s.max_hours:g} h" + (f" or {s.idle_minutes:g} min with no run (each node "
+                                        "on its own)" if s.idle_minutes else ""))
 
 
 def _check_instance_types(ec2: Any, spec: ClusterSpec, region: str) -> str:
@@ -482,8 +485,34 @@ def user_data(spec: ClusterSpec, rank: int, bootstrap: str) -> str:
         f"{bootstrap.rstrip()}\n"
         "RELUFIT_BOOTSTRAP_EOF\n"
         "chmod 0755 /opt/relufit/bootstrap.sh\n"
+        f"{watchdog_user_data(spec)}"
         f"sudo -u {spec.user} -H sh /opt/relufit/bootstrap.sh "
         ">/var/log/relufit-bootstrap.log 2>&1\n"
+    )
+
+
+def watchdog_user_data(spec: ClusterSpec) -> str:
+    """Autostop: the node's own watchdog (worker/watchdog.py, packed), started as root before
+    the bootstrap and outside cloud-init's service (systemd-run, else setsid). It halts the
+    node once no relufit run has been active there for --idle-minutes; the halt terminates
+    the instance, as the kill switch's does. Nothing for --idle-minutes 0."""
+    if not spec.idle_minutes:
+        return ""
+    from orchestrator import autostop
+
+    user = shlex.quote(spec.user)
+    args = autostop.watchdog_args(spec.idle_minutes, "poweroff")
+    return (
+        f"# Autostop: halt after --idle-minutes={spec.idle_minutes:g} with no relufit run.\n"
+        "base64 -d > /opt/relufit/watchdog.py.gz <<'RELUFIT_WATCHDOG_EOF'\n"
+        f"{autostop.packed_source()}"
+        "RELUFIT_WATCHDOG_EOF\n"
+        "gunzip -f /opt/relufit/watchdog.py.gz\n"
+        f"home=$(getent passwd {user} | cut -d: -f6)\n"
+        f'install -d -m 0755 "$home/.relufit" && chown {user}: "$home/.relufit"\n'
+        f'set -- /usr/bin/python3 /opt/relufit/watchdog.py {args} --home "$home"\n'
+        'systemd-run --unit relufit-watchdog --quiet "$@" 2>/dev/null || '
+        '{ setsid nohup "$@" >/var/log/relufit-watchdog.log 2>&1 </dev/null & }\n'
     )
 
 
@@ -515,7 +544,8 @@ def run_args(plan: Plan, rank: int, zone: str, subnet: str, attempt: str,
         "UserData": user_data(s, rank, bootstrap),
         "ClientToken": client_token(s.name, attempt, zone, rank),
         "TagSpecifications": _tag_specs(("instance", "volume"), s.name, role, rank=str(rank),
-                                        user=s.user, launch=attempt),
+                                        user=s.user, launch=attempt,
+                                        **{"idle-minutes": f"{s.idle_minutes:g}"}),
     }
     if key_name:
         args["KeyName"] = key_name
@@ -921,10 +951,20 @@ def status(name: str, region: str | None) -> tuple[Cluster | None, list[dict]]:
              "instance_id": i["InstanceId"], "type": i["InstanceType"],
              "state": i["State"]["Name"], "public_ip": i.get("PublicIpAddress", "-"),
              "private_ip": i.get("PrivateIpAddress", "-"),
-             "zone": i.get("Placement", {}).get("AvailabilityZone", "-")} for i in found]
+             "zone": i.get("Placement", {}).get("AvailabilityZone", "-"),
+             "idle_minutes": _idle_minutes(tags_of(i)), "launch_time": i["LaunchTime"]}
+            for i in found]
     live = [i for i in found if i["State"]["Name"] in ("pending", "running")]
     return (to_cluster(name, region, live) if live else None), sorted(rows,
                                                                        key=lambda r: r["rank"])
+
+
+def _idle_minutes(tags: dict[str, str]) -> float | None:
+    """The autostop limit an instance was launched with (None: launched before the tag)."""
+    try:
+        return float(tags[TAG_IDLE])
+    except (KeyError, ValueError):
+        return None
 
 
 def orphans(ec2: Any, now: datetime) -> dict[str, list[tuple[str, str]]]:
