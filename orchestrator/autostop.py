@@ -73,8 +73,9 @@ def arm(c: Cluster, idle_minutes: float, progress: Progress) -> Cluster:
     records the limit in the local cluster state."""
     from orchestrator import deploy, remote
 
-    start = remote.detach_command(".relufit", "watchdog", f"python3 watchdog.py "
-                                  f"{watchdog_args(idle_minutes, 'stop')} --home \"$HOME\"")
+    # its command line names relufit (the path), so `ours` knows it as relufit's
+    start = remote.detach_command(".relufit", "watchdog", f'python3 "$HOME/{REMOTE_WATCHDOG}" '
+                                  f'{watchdog_args(idle_minutes, "stop")} --home "$HOME"')
     state = watchdog.STATE_FILE
 
     def one(t: SSHTarget) -> None:

@@ -14,7 +14,8 @@ Fixtures (all clean up every process, namespace and file they made):
     (sshd comes up late), ``rotate_host_key()`` (restarts with a new host key; the known_hosts
     file keeps the old one), ``new_key(name)`` (a key sshd does not accept), ``home(path)``
     (a path in its private home, readable from the test), ``ssh(*cmd)`` (the ssh client's
-    argv). A restart gives a fresh empty home.
+    argv). A restart gives a fresh empty home. ``stop()`` also ends every process its
+    sessions left in its mount namespace (``in_mount_namespace_of(pid)``).
 
 ``netns_cluster`` -> factory ``(workers=2, bandwidth=None, master_bandwidth=None) -> NetnsCluster``
     Emulated hosts (orchestrator.providers.netns): node 0 + ``workers``, each with its own
@@ -99,8 +100,8 @@ class SshdHost:
             self._timer.cancel()
             self._timer.join()
             self._timer = None
-        if self.pid:
-            netns._kill([self.pid])
+        if self.pid:  # and whatever its sessions left running (an autostop watchdog)
+            netns._kill([self.pid, *in_mount_namespace_of(self.pid)])
             _reap(self.pid)
             self.pid = 0
 
@@ -131,6 +132,24 @@ class SshdHost:
     def ssh(self, *cmd: str, key: str | None = None) -> list[str]:
         return ssh_argv(key or self.key_path, self.known_hosts, self.user, self.host, self.port,
                         *cmd)
+
+
+def in_mount_namespace_of(pid: int) -> list[int]:
+    """Other live processes in ``pid``'s mount namespace (an sshd_host's is its own)."""
+    try:
+        ns = os.readlink(f"/proc/{pid}/ns/mnt")
+    except OSError:
+        return []
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == pid:
+            continue
+        try:
+            if os.readlink(proc / "ns" / "mnt") == ns and not netns._zombie(int(proc.name)):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
 
 
 def _reap(pid: int) -> None:
