@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from conftest import _reap, host_ssh, in_mount_namespace_of, require_emulated_hosts
+from test_remote import write_exp
 
 from orchestrator import autostop, deploy, remote
 from orchestrator import cluster as model
@@ -34,26 +35,6 @@ pytestmark = [pytest.mark.sshd, pytest.mark.netns, pytest.mark.slow]
 
 IDLE_MINUTES = 0.1  # 6 s: fractions of a minute are for tests like this one
 IDLE_S = IDLE_MINUTES * 60
-
-EXPERIMENT = """
-name = "idle"
-[problem]
-d = 40
-n = 1200
-seed = 3
-[train]
-rounds = 1000000
-batch_size = 16
-lr = 0.5
-target_rel_error = 0
-[compress]
-scheme = "qsgd"
-levels = 4
-[cluster]
-workers = 1
-connect_timeout = 30
-"""
-
 
 def relufit(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True,
@@ -126,9 +107,8 @@ def test_the_watchdogs_wait_out_a_run_then_stop_relufit_on_every_node(cluster_na
     assert all(" in 0m 0" in line and "idle limit 0.1 min" in line for line in block[1:])
 
     deploy.deploy(deploy.targets(c))  # its last touch starts a watchdog that fired meanwhile
-    exp_file = tmp_path / "idle.toml"
-    exp_file.write_text(EXPERIMENT)
-    rr = remote.RemoteRun(c, "idle-run", workers=1)
+    exp_file = write_exp(tmp_path / "idle.toml", rounds=1_000_000)  # stopped long before
+    rr = remote.RemoteRun(c, "idle-run", workers=3)
     rr.start(load_experiment(str(exp_file)), lambda line: None)
     try:
         armed = [watchdog_pid(state, rank) for rank in (0, 1)]
