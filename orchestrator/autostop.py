@@ -90,7 +90,8 @@ def arm(c: Cluster, idle_minutes: float, progress: Progress) -> Cluster:
                 f"while [ ! -s {state} ] && [ $i -lt {_START_WAIT_S * 10} ]; do sleep 0.1; "
                 f"i=$((i+1)); done; test -s {state} || {{ cat .relufit/watchdog.log; exit 1; }}")
             if rc != 0:
-                raise SSHError(t.name, f"the autostop watchdog did not start: {out.strip()}")
+                raise SSHError(t.name, f"the autostop watchdog did not start ({out.strip()}); "
+                                       "--idle-minutes 0 makes a cluster without it")
 
     deploy.on_all(deploy.targets(c), one, progress)
     c = replace(c, extra={**c.extra, "idle_minutes": idle_minutes})

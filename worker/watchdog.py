@@ -41,11 +41,14 @@ STATE_VERSION = 1
 STOP_GRACE_S = 15  # the master records its interrupted trial and STOPs its agents
 
 # `ours G`: true while process group G has a live (not zombie) relufit process. kill -0
-# would also count zombies that init has not reaped yet, and a dead group leader hides a
-# live member; reading /proc needs no procps on the node.
+# alone would also count zombies that init has not reaped yet, and a dead group leader hides
+# a live member; reading /proc needs no procps on the node. `kill -s 0` first only skips the
+# /proc scan for a group with no process at all (most pidfiles, once their runs are over):
+# the watchdog checks every run's pidfiles every 30 s.
 OURS_FN = r"""
 ours() {
   g=$1
+  kill -s 0 -- "-$g" 2>/dev/null || return 1
   for d in /proc/[0-9]*; do
     read -r st 2>/dev/null < "$d/stat" || continue
     set -- ${st##*) }
@@ -76,12 +79,12 @@ true
 """
 
 # The runs in ~/relufit-runs with a live process behind one of their pidfiles (run from
-# the home).
+# the home). Builtins only for a finished run: no process is forked per pidfile.
 RUNNING_SCRIPT = OURS_FN + r"""
 cd relufit-runs 2>/dev/null || exit 0
 for r in */; do
   for f in "$r"*.pid; do
-    [ -f "$f" ] && ours "$(cat "$f")" && { echo "${r%/}"; break; }
+    [ -f "$f" ] && read -r p < "$f" && ours "$p" && { echo "${r%/}"; break; }
   done
 done
 true

@@ -10,11 +10,14 @@ A cluster ``NAME`` in a region is, in the account:
 - instances rank 0 (master) .. N (workers), all in one availability zone, IMDSv2 only,
   an encrypted gp3 root volume deleted with the instance, ``InstanceInitiatedShutdownBehavior
   =terminate`` and user-data whose first act is ``shutdown -h +<max-hours>`` (so a forgotten
-  cluster terminates itself), then ``ami/bootstrap.sh``.
+  cluster terminates itself), then the autostop watchdog (``--idle-minutes``: each node halts,
+  so terminates, once no relufit run has been active on it that long; worker/watchdog.py),
+  then ``ami/bootstrap.sh``.
 
 Every resource carries ``relufit:cluster=NAME`` and ``relufit:role`` (``master``/``worker``;
 ``shared`` on the key pair and group), instances and their volumes also ``relufit:rank``,
-``relufit:user`` (the login user) and ``relufit:launch`` (the launch attempt id). Tags are the
+``relufit:user`` (the login user), ``relufit:launch`` (the launch attempt id) and
+``relufit:idle-minutes`` (autostop's limit, for ``status``). Tags are the
 truth: ``down``, ``list``, ``status`` and ``gc`` work from them alone; local state is a cache.
 
 Launch attempts: each ``up`` gets an id (persisted in ``clusters/NAME/launch``), and every
@@ -1037,8 +1040,9 @@ def build_ami(region: str | None, install: Callable[[Cluster, Progress], None], 
     whatever happens (Ctrl-C included)."""
     ec2, region = client(region)
     builder = f"ami-{uuid.uuid4().hex[:8]}"
+    # no autostop: its watchdog must not halt the builder while the image is made
     spec = ClusterSpec(name=builder, workers=0, region=region, instance_type=instance_type,
-                       ssh_cidr=ssh_cidr or caller_cidr(), max_hours=2.0)
+                       ssh_cidr=ssh_cidr or caller_cidr(), max_hours=2.0, idle_minutes=0.0)
     with aws_errors("checking the builder"):
         plan = make_plan(ec2, replace(spec, ami=base_ami), region)
         if base_ami is None:
