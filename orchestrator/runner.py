@@ -39,7 +39,7 @@ class _RoundPrinter:
         self.mb = 0.0
 
     def __call__(self, row: RoundRow) -> None:
-        self.mb += (row.bytes_up + row.bytes_down) / 1e6
+        self.mb += (row.bytes_up + row.bytes_down + row.bytes_peer) / 1e6
         now = time.monotonic()
         if now - self.last >= self.every_s:
             self.last = now
@@ -101,7 +101,7 @@ def _record(
     writer: RunWriter, trial: Trial, res: TrialResult, progress: Progress, label: str
 ) -> None:
     writer.trial_done(trial.index, trial.params, trial.spec.to_dict(), res)
-    mb = (res.total_bytes_up + res.total_bytes_down) / 1e6
+    mb = (res.total_bytes_up + res.total_bytes_down + res.total_bytes_peer) / 1e6
     line = (
         f"{label}: {res.status} after {res.rounds} rounds, rel_error {res.final_rel_error:.3e},"
         f" {mb:.2f} MB, {res.wall_time_s:.2f} s"
