@@ -416,7 +416,9 @@ class Agent:
                     or key[0] not in (ar.epoch, ar.epoch + 1)
                     or not oldest <= key[1] <= self.next_round
                     or sender == self.rank or sender >= spec.workers):
-                self._dropped(ProtocolError(f"stale or foreign {msg.type} {key} from {sender}"))
+                self.dropped += 1
+                log.warning("dropped a stale or foreign %s (epoch, round %s) from peer %d",
+                            msg.type, key, sender)
                 continue
             box = ar.inbox.setdefault(key, ({}, {}))
             box[0 if msg.type == protocol.PART else 1][sender] = msg.payloads[0]
