@@ -142,6 +142,17 @@ class Display:
             else:
                 self._write(self.status() + "\n")
 
+    def asking(self, confirm: Confirm) -> Confirm:
+        """``confirm`` with the status line out of the way (a question must not be drawn
+        over while the user reads it)."""
+        def ask(question: str) -> bool:
+            with self._lock:
+                if self.tty and self._drawn:
+                    self._write("\r\x1b[K")
+                self._drawn = False  # the ticker leaves the line alone until the next draw
+                return confirm(question)
+        return ask
+
     def close(self) -> None:
         with self._lock:
             if self._stop.is_set():
@@ -212,7 +223,7 @@ def sim_round_s(exp: Experiment, rounds: int = SIM_TIMED_ROUNDS) -> float | None
 
 
 def state_cost(exp: Experiment, usd_per_hour: float | None, nodes: int, provider: str,
-               say: Callable[[str], None]) -> None:
+               say: Callable[[str], None], spot: bool = False) -> None:
     """The cost, before anything is made: per hour for the nodes, and a scale for the run's
     length from a short sim timing here (honestly labelled: it is not the cluster's time)."""
     if provider != "ec2":
@@ -222,8 +233,9 @@ def state_cost(exp: Experiment, usd_per_hour: float | None, nodes: int, provider
     if usd_per_hour is None:
         say(f"Cost: unknown (an instance type with no price in relufit's table); {nodes} nodes.")
         return
-    say(f"Cost: ${usd_per_hour:.3f}/hour for {nodes} nodes ({_price_source()}; EC2 bills "
-        f"per second, at least a minute).")
+    spot = "; spot is usually much cheaper" if spot else ""
+    say(f"Cost: ${usd_per_hour:.3f}/hour for {nodes} nodes ({_price_source()}{spot}; EC2 "
+        "bills per second, at least a minute).")
     per_round = sim_round_s(exp)
     if per_round is None:
         return
@@ -279,13 +291,14 @@ def launch(experiment_file: str, overrides: list[str], *, reuse: str | None,
     provider = cluster.provider if cluster else req.provider
     usd = clusters.usd_per_hour(cluster) if cluster else req.usd_per_hour()
     nodes = len(cluster.nodes) if cluster else req.workers + 1
-    state_cost(exp, usd, nodes, provider, disp.message)
+    state_cost(exp, usd, nodes, provider, disp.message, spot=bool(req and req.spec and
+                                                                  req.spec.spot))
     run_id = remote.free_run_id(exp.name, out)
     try:
         disp.bill(usd)  # from the start of `up`; for a reused cluster, this launch's share
         if req is not None:
             disp.stage("up")
-            cluster = clusters.up(req, confirm=confirm, progress=disp)
+            cluster = clusters.up(req, confirm=disp.asking(confirm), progress=disp)
             end.made = True
         dest, report = _deploy_run_report(cluster, exp, out, run_id, from_index, disp)
     except BaseException:

@@ -260,13 +260,22 @@ def test_unreachable_nodes_at_deploy_remove_the_ec2_cluster(aws, tmp_path, monke
     assert nothing_left(aws, "ln")
 
 
-def test_launch_on_ec2_states_the_cost_and_leaves_nothing(aws, tmp_path, monkeypatch):
-    """Deploy and run replaced (moto boots nothing): the composition, costs and JSON."""
+@pytest.fixture
+def sim_for_ssh(monkeypatch) -> list[str]:
+    """Deploy and the remote run replaced by a sim run here (moto boots nothing that SSH
+    reaches): the names of the clusters run on."""
+    used: list[str] = []
+
     def sim_run(exp, cluster, out, progress, run_id):
-        assert cluster.name == "ln" and len(cluster.nodes) == 2
+        used.append(cluster.name)
         return run_experiment(exp, SimPool(), out, "sim", progress=progress, run_id=run_id)
     monkeypatch.setattr(deploy, "deploy", lambda *a, **k: [])
     monkeypatch.setattr(remote, "run_on_cluster", sim_run)
+    return used
+
+
+def test_launch_on_ec2_states_the_cost_and_leaves_nothing(aws, tmp_path, sim_for_ssh):
+    """The composition, costs and JSON (deploy and run replaced)."""
     r = ec2_launch(tmp_path, "--json")
     assert r.exit_code == 0, r.output
     rec = json.loads(r.stdout)
@@ -279,13 +288,10 @@ def test_launch_on_ec2_states_the_cost_and_leaves_nothing(aws, tmp_path, monkeyp
     before = r.stderr.index("-- up")
     assert f"Cost: ${per_hour:.3f}/hour for 2 nodes" in r.stderr[:before]
     assert "Run length, roughly" in r.stderr[:before] and "not the cluster's time" in r.stderr
-    assert "Cost spent: ~$" in r.stderr and nothing_left(aws, "ln")
+    assert "Cost spent: ~$" in r.stderr and nothing_left(aws, "ln") and sim_for_ssh == ["ln"]
 
 
-def test_launch_keep_keeps_the_ec2_cluster(aws, tmp_path, monkeypatch):
-    monkeypatch.setattr(deploy, "deploy", lambda *a, **k: [])
-    monkeypatch.setattr(remote, "run_on_cluster", lambda exp, c, out, progress, run_id:
-                        run_experiment(exp, SimPool(), out, "sim", progress, run_id))
+def test_launch_keep_keeps_the_ec2_cluster(aws, tmp_path, sim_for_ssh):
     r = ec2_launch(tmp_path, "--keep")
     assert r.exit_code == 0, r.output
     run_dir, report = r.stdout.splitlines()
@@ -293,6 +299,21 @@ def test_launch_keep_keeps_the_ec2_cluster(aws, tmp_path, monkeypatch):
     assert "Cluster ln kept" in r.stderr and "goes on costing" in r.stderr
     assert len(ec2.tagged_resources(aws, "ln")["instances"]) == 2
     assert invoke("cluster", "down", "ln").exit_code == 0
+
+
+def test_launch_on_a_reused_ec2_cluster_leaves_it_up(aws, tmp_path, sim_for_ssh):
+    r = invoke("cluster", "up", "--name", "ru", "--workers", "1", "--ssh-cidr", CIDR, "--yes",
+               "--instance-type", "c5.large")
+    assert r.exit_code == 0, r.output
+    r = invoke("launch", str(tiny(tmp_path)), "--cluster", "ru", "--json",
+               "--out", str(tmp_path / "results"))
+    assert r.exit_code == 0, r.output
+    rec = json.loads(r.stdout)
+    assert rec["cluster"] == {"name": "ru", "provider": "ec2", "made": False, "kept": False}
+    assert rec["cost"]["usd_per_hour"] == pytest.approx(2 * 0.085)  # instances only
+    assert list(rec["stages"]) == ["check", "deploy", "run", "report"]
+    assert "Cost of this launch: ~$" in r.stderr and sim_for_ssh == ["ru"]
+    assert len(ec2.tagged_resources(aws, "ru")["instances"]) == 2
 
 
 # ---------------------------------------------------------------- netns, end to end
