@@ -233,8 +233,8 @@ def state_cost(exp: Experiment, usd_per_hour: float | None, nodes: int, provider
     if usd_per_hour is None:
         say(f"Cost: unknown (an instance type with no price in relufit's table); {nodes} nodes.")
         return
-    spot = "; spot is usually much cheaper" if spot else ""
-    say(f"Cost: ${usd_per_hour:.3f}/hour for {nodes} nodes ({_price_source()}{spot}; EC2 "
+    cheaper = "; spot is usually much cheaper" if spot else ""
+    say(f"Cost: ${usd_per_hour:.3f}/hour for {nodes} nodes ({_price_source()}{cheaper}; EC2 "
         "bills per second, at least a minute).")
     per_round = sim_round_s(exp)
     if per_round is None:
@@ -264,6 +264,50 @@ def _request(exp: Experiment, up_args: dict[str, Any]) -> clusters.UpRequest:
     return clusters.request(**args)
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """Everything checked before anything is made: the experiment, and either the request
+    for a new cluster or the cluster to reuse."""
+
+    exp: Experiment
+    req: clusters.UpRequest | None
+    reused: Cluster | None
+
+    @property
+    def name(self) -> str:
+        return self.reused.name if self.reused else self.req.name
+
+    @property
+    def provider(self) -> str:
+        return self.reused.provider if self.reused else self.req.provider
+
+    @property
+    def region(self) -> str | None:
+        return self.reused.region if self.reused else self.req.spec and self.req.spec.region
+
+    def state_cost(self, say: Callable[[str], None]) -> float | None:
+        """Say what the cluster costs, before anything is made; the price per hour."""
+        usd = clusters.usd_per_hour(self.reused) if self.reused else self.req.usd_per_hour()
+        nodes = len(self.reused.nodes) if self.reused else self.req.workers + 1
+        spot = bool(self.req and self.req.spec and self.req.spec.spot)
+        state_cost(self.exp, usd, nodes, self.provider, say, spot)
+        return usd
+
+
+def _plan(experiment_file: str, overrides: list[str], reuse: str | None,
+          up_args: dict[str, Any]) -> _Plan:
+    """Every check of what the user gave, in the order a user fixes them; nothing is made."""
+    from orchestrator.report import check_figures
+
+    exp = load_experiment(experiment_file, overrides)
+    given = _flags_given(up_args)
+    if reuse and given:
+        raise ConfigError(given[0], "not with --cluster, which reuses a cluster that is up")
+    req = None if reuse else _request(exp, up_args)
+    check_figures()
+    return _Plan(exp, req, clusters.find(reuse) if reuse else None)
+
+
 # ---------------------------------------------------------------- the launch
 
 def launch(experiment_file: str, overrides: list[str], *, reuse: str | None,
@@ -275,32 +319,25 @@ def launch(experiment_file: str, overrides: list[str], *, reuse: str | None,
     keywords (the flags of ``cluster up``). Ctrl-C or a failure at any stage keeps what was
     fetched, removes a cluster launch made (unless ``keep``), and re-raises."""
     from orchestrator import remote
-    from orchestrator.report import check_figures
 
     disp = display or Display()
     INTERRUPT_REQUESTED.clear()  # a request of an earlier command in this process is spent
-    exp = load_experiment(experiment_file, overrides)
-    given = _flags_given(up_args)
-    if reuse and given:
-        raise ConfigError(given[0], "not with --cluster, which reuses a cluster that is up")
-    req = None if reuse else _request(exp, up_args)
-    check_figures()
-    cluster = clusters.find(reuse) if reuse else None
-    end = _End(disp, reuse or req.name, keep=keep, reused=bool(reuse),
-               region=req.spec.region if req and req.spec else cluster and cluster.region)
-    provider = cluster.provider if cluster else req.provider
-    usd = clusters.usd_per_hour(cluster) if cluster else req.usd_per_hour()
-    nodes = len(cluster.nodes) if cluster else req.workers + 1
-    state_cost(exp, usd, nodes, provider, disp.message, spot=bool(req and req.spec and
-                                                                  req.spec.spot))
-    run_id = remote.free_run_id(exp.name, out)
+    try:
+        plan = _plan(experiment_file, overrides, reuse, up_args)
+        usd = plan.state_cost(disp.message)
+        run_id = remote.free_run_id(plan.exp.name, out)
+    except BaseException:
+        disp.close()
+        raise
+    end = _End(disp, plan.name, keep=keep, reused=bool(reuse), region=plan.region)
     try:
         disp.bill(usd)  # from the start of `up`; for a reused cluster, this launch's share
-        if req is not None:
+        cluster = plan.reused
+        if plan.req is not None:
             disp.stage("up")
-            cluster = clusters.up(req, confirm=disp.asking(confirm), progress=disp)
+            cluster = clusters.up(plan.req, confirm=disp.asking(confirm), progress=disp)
             end.made = True
-        dest, report = _deploy_run_report(cluster, exp, out, run_id, from_index, disp)
+        dest, report = _deploy_run_report(cluster, plan.exp, out, run_id, from_index, disp)
     except BaseException:
         if (Path(out) / run_id).exists():
             disp.message(f"Kept what was fetched: {Path(out) / run_id}")
@@ -310,8 +347,8 @@ def launch(experiment_file: str, overrides: list[str], *, reuse: str | None,
     disp.message(f"Run directory: {dest}")
     disp.message(f"Report: {report}")
     disp.close()
-    return LaunchResult(end.name, provider, end.made, end.made and keep, dest, report, usd,
-                        end.spent, disp.clock() - disp.t0, dict(disp.stages))
+    return LaunchResult(end.name, plan.provider, end.made, end.made and keep, dest, report,
+                        usd, end.spent, disp.clock() - disp.t0, dict(disp.stages))
 
 
 def _deploy_run_report(cluster: Cluster, exp: Experiment, out: str | Path, run_id: str,

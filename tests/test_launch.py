@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -346,44 +347,74 @@ def test_launch_on_emulated_hosts_end_to_end(relufit_home, tmp_path, shared_cach
             netns.down(name)
 
 
-def test_ctrl_c_during_the_run_keeps_the_results_and_removes_the_emulated_cluster(
-        relufit_home, tmp_path, shared_cache):
+@contextmanager
+def launch_until(tmp_path: Path, name: str, ready):
+    """``relufit launch`` of a long run on 1 + 1 emulated hosts, in a subprocess; yields
+    (process, stderr lines so far) once ``ready(line)`` held for a line of its stderr."""
     require_emulated_hosts()
-    name = "launch-int"
     proc = subprocess.Popen(
         [sys.executable, "-m", "orchestrator.cli", "launch", str(tiny(tmp_path, 100000)),
          "--provider", "netns", "--workers", "1", "--name", name,
          "--out", str(tmp_path / "results")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
     lines: list[str] = []
-    running = threading.Event()
+    seen = threading.Event()
 
-    def read() -> None:  # the display's status lines: "[run  0:12  trial 1/1  round 25/..."
+    def read() -> None:
         for line in proc.stderr:
             lines.append(line)
-            m = re.match(r"\[run .* round (\d+)/", line)
-            if m and int(m.group(1)) >= 20:
-                running.set()
+            if ready(line):
+                seen.set()
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     try:
-        assert running.wait(180), "".join(lines)[-3000:]
-        proc.send_signal(signal.SIGINT)  # one Ctrl-C
-        proc.wait(timeout=120)
+        assert seen.wait(180), "".join(lines)[-3000:]
+        yield proc, lines
         reader.join(timeout=10)
-        err = "".join(lines)
-        assert proc.returncode == 130, err[-3000:]
-        assert no_namespaces_of(name), err[-3000:]
-        kept = [ln for ln in err.splitlines() if "Kept what was fetched: " in ln]
-        run_dir = Path(kept[0].split("Kept what was fetched: ")[1])
-        run = load_run(run_dir)
-        [trial] = run["summary"]["trials"]
-        assert trial["status"] == "interrupted" and 20 <= trial["rounds"] < 100000
-        assert len(run["metrics"]["rel_error"]) == trial["rounds"]
-        assert "-- down" in err and proc.stdout.read() == ""
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         if not no_namespaces_of(name):
             netns.down(name)
+
+
+def _round_at_least(n: int):
+    def ready(line: str) -> bool:  # the display's plain status line "[run  0:12  ...]"
+        m = re.match(r"\[run .* round (\d+)/", line)
+        return bool(m) and int(m.group(1)) >= n
+    return ready
+
+
+def test_ctrl_c_during_the_run_keeps_the_results_and_removes_the_emulated_cluster(
+        relufit_home, tmp_path, shared_cache):
+    name = "launch-int"
+    with launch_until(tmp_path, name, _round_at_least(20)) as (proc, lines):
+        proc.send_signal(signal.SIGINT)  # one Ctrl-C
+        proc.wait(timeout=120)
+    err = "".join(lines)
+    assert proc.returncode == 130, err[-3000:]
+    assert no_namespaces_of(name), err[-3000:]
+    kept = [ln for ln in err.splitlines() if "Kept what was fetched: " in ln]
+    run_dir = Path(kept[0].split("Kept what was fetched: ")[1])
+    run = load_run(run_dir)
+    [trial] = run["summary"]["trials"]
+    assert trial["status"] == "interrupted" and 20 <= trial["rounds"] < 100000
+    assert len(run["metrics"]["rel_error"]) == trial["rounds"]
+    assert "-- down" in err and proc.stdout.read() == ""
+
+
+def test_ctrl_c_during_deploy_removes_the_emulated_cluster(relufit_home, tmp_path,
+                                                           shared_cache):
+    """While the nodes install (deploy's threads busy over SSH), one Ctrl-C: down runs at
+    once rather than after the installs, and nothing is left."""
+    name = "launch-dep"
+    with launch_until(tmp_path, name, lambda line: "; installing" in line) as (proc, lines):
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    err = "".join(lines)
+    assert proc.returncode == 130, err[-3000:]
+    assert no_namespaces_of(name), err[-3000:]
+    assert "-- down" in err and "-- run" not in err and "Kept what was fetched" not in err
+    assert "ok: relufit" not in err  # interrupted mid-install, not after it
+    assert not (tmp_path / "results").exists()
