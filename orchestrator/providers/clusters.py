@@ -204,15 +204,16 @@ def status(name: str, region: str | None) -> dict[str, Any]:
     if not rows:
         raise RelufitError(f"no cluster {name!r} found: `relufit cluster list` shows them")
     users = {n.rank: n.user for n in c.nodes} if c else {}
-    nodes = [{"rank": r["rank"], "role": r["role"], "address": _ip(r["public_ip"]),
-              "private_address": _ip(r["private_ip"]), "user": users.get(r["rank"]),
+    nodes = [{"rank": r["rank"], "role": r["role"], "address": _known(r["public_ip"]),
+              "private_address": _known(r["private_ip"]), "user": users.get(r["rank"]),
               "port": 22, "instance_id": r["instance_id"], "type": r["type"],
-              "state": r["state"], "zone": _ip(r["zone"])} for r in rows]
+              "state": r["state"], "zone": _known(r["zone"])} for r in rows]
     return {"name": name, "provider": "ec2", "region": c.region if c else region,
             "nodes": nodes}
 
 
-def _ip(value: str) -> str | None:
+def _known(value: str) -> str | None:
+    """None for the "-" that ec2.status writes where a value is missing."""
     return None if value in ("-", "") else value
 
 
