@@ -25,8 +25,10 @@ import test_ec2
 from click.testing import CliRunner
 from conftest import free_port, require_emulated_hosts
 from test_ec2 import CIDR, nothing_left
+from test_hosts import hosts_file
 from test_remote import write_exp
 
+from orchestrator import cluster as model
 from orchestrator import deploy, launch, remote
 from orchestrator.cli import cli
 from orchestrator.cluster import Node
@@ -150,6 +152,8 @@ def test_run_json_error_is_one_line_on_stderr_and_nothing_on_stdout(tmp_path):
     assert "train.lrr" in one_error_line(r.stderr)
 
 
+@pytest.mark.sshd
+@pytest.mark.netns
 def test_cluster_list_and_status_json_of_an_emulated_cluster(netns_cluster):
     c = netns_cluster(workers=1, bandwidth="100mbit")
     env = {"AWS_REGION": "", "AWS_DEFAULT_REGION": "", "AWS_PROFILE": "relufit-no-such"}
@@ -320,6 +324,8 @@ def test_launch_on_a_reused_ec2_cluster_leaves_it_up(aws, tmp_path, sim_for_ssh)
 # ---------------------------------------------------------------- netns, end to end
 
 
+@pytest.mark.sshd
+@pytest.mark.netns
 def test_launch_on_emulated_hosts_end_to_end(relufit_home, tmp_path, shared_cache):
     require_emulated_hosts()
     exp_file = tiny(tmp_path, 30, '[sweep]\n"cluster.topology" = ["ps", "allgather"]')
@@ -386,6 +392,8 @@ def _round_at_least(n: int):
     return ready
 
 
+@pytest.mark.sshd
+@pytest.mark.netns
 def test_ctrl_c_during_the_run_keeps_the_results_and_removes_the_emulated_cluster(
         relufit_home, tmp_path, shared_cache):
     name = "launch-int"
@@ -404,6 +412,8 @@ def test_ctrl_c_during_the_run_keeps_the_results_and_removes_the_emulated_cluste
     assert "-- down" in err and proc.stdout.read() == ""
 
 
+@pytest.mark.sshd
+@pytest.mark.netns
 def test_ctrl_c_during_deploy_removes_the_emulated_cluster(relufit_home, tmp_path,
                                                            shared_cache):
     """While the nodes install (deploy's threads busy over SSH), one Ctrl-C: down runs at
@@ -418,3 +428,22 @@ def test_ctrl_c_during_deploy_removes_the_emulated_cluster(relufit_home, tmp_pat
     assert "-- down" in err and "-- run" not in err and "Kept what was fetched" not in err
     assert "ok: relufit" not in err  # interrupted mid-install, not after it
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.sshd
+def test_launch_on_a_hosts_file_forgets_the_cluster_and_leaves_the_machine(
+        sshd_host, relufit_home, tmp_path, shared_cache):
+    """One host runs the master and the agents; `down` of a hosts cluster stops relufit
+    there and forgets it, the machine stays."""
+    f = hosts_file(tmp_path / "hosts.toml", sshd_host, master_port=free_port())
+    exp_file = tiny(tmp_path, 25)
+    r = invoke("launch", str(exp_file), "--provider", "hosts", "--hosts-file", str(f),
+               "--name", "lab", "--out", str(tmp_path / "results"), "--json")
+    assert r.exit_code == 0, r.stderr[-3000:]
+    rec = json.loads(r.stdout)
+    assert rec["cluster"] == {"name": "lab", "provider": "hosts", "made": True, "kept": False}
+    got = load_run(rec["run"]["run_dir"])["metrics"]["rel_error"]
+    np.testing.assert_array_equal(got, sim_rel_error(exp_file, tmp_path))
+    assert Path(rec["report"]).exists() and "Cost: nothing billed (your own machines)" in r.stderr
+    assert model.read_cluster("lab") is None
+    assert sshd_host.home(".relufit/venv/bin/relufit").exists()  # the machine is untouched
