@@ -242,7 +242,8 @@ def state_cost(exp: Experiment, usd_per_hour: float | None, nodes: int, provider
     rounds = sum(t.spec.rounds for t in exp.trials())
     sim_s = per_round * rounds
     billed = max(sim_s, MIN_BILLED_S)
-    say(f"Run length, roughly: all {rounds} rounds take ~{_clock(sim_s)} in sim here "
+    took = f"{sim_s:.1f} s" if sim_s < 60 else _clock(sim_s)
+    say(f"Run length, roughly: all {rounds} rounds take ~{took} in sim here "
         f"({per_round * 1e3:.2f} ms a round of trial 1, every worker in one process, no "
         f"network; at most, as trials stop at their target). That is not the cluster's time: "
         f"boot and deploy (minutes) and the network come on top. At ${usd_per_hour:.3f}/hour, "
@@ -406,7 +407,8 @@ class _End:
         if self.spent is None:
             return
         rate = f"${self.disp.usd_per_hour:.3f}/hour"
-        billed = _clock(self.disp.clock() - (self.disp.billed_since or self.disp.clock()))
+        up_s = self.disp.clock() - (self.disp.billed_since or self.disp.clock())
+        billed = _clock(up_s) + (" billed as 1:00" if up_s < MIN_BILLED_S else "")
         if self.made and not self.keep:
             self.disp.message(f"Cost spent: ~${self.spent:.3f} ({rate} x {billed}, "
                               f"{_price_source()})")
