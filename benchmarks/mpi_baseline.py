@@ -188,11 +188,12 @@ def _check_placement(ranks: list[dict], workers: list[netns.Host]) -> None:
 
 def run_mpi(cluster_name: str, d: int, n: int, batch: int, lr: float, rounds: int,
             target: float, seed: int, timeout: float | None = None, wait: str = "block",
-            ) -> dict:
-    """Run the baseline on an up netns cluster, one rank per worker host; its figures."""
+            ranks: int | None = None) -> dict:
+    """Run the baseline on an up netns cluster, one rank per worker host (the first
+    ``ranks`` of them; default all); its figures."""
     mpirun = check_tools()
     c = load_cluster(cluster_name)
-    workers = list(c.hosts[1:])
+    workers = list(c.hosts[1:])[:ranks]
     timeout = timeout if timeout is not None else 120.0 + 2.0 * rounds
     with tempfile.TemporaryDirectory(prefix="mpib-") as tmp:
         agent = Path(tmp) / "agent.sh"

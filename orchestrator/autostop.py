@@ -10,8 +10,8 @@ and no node needs to reach another:
   when it fires it stops relufit's processes on its node and ends; the machine stays up.
   Deploy and every run start it again there if it had stopped (``TOUCH_SCRIPT``).
 
-``cluster up`` (and ``launch``) call ``apply`` after making a cluster; ``cluster status``
-calls ``node_states``.
+``providers.clusters.up`` (``cluster up`` and ``launch``) calls ``apply`` after making a
+cluster; ``providers.clusters.status`` calls ``node_states``.
 """
 
 from __future__ import annotations
@@ -218,7 +218,8 @@ def node_states(c: Cluster, launched: dict[int, tuple[float | None, datetime]] |
     return out
 
 
-def echo_lines(states: list[NodeAutostop]) -> list[str]:
-    """``cluster status``'s autostop block."""
-    return ["autostop (each node judges its own idleness):"] + [
-        f"{a.rank:>4}  {a.text}" for a in states]
+def echo_lines(nodes: list[dict]) -> list[str]:
+    """``cluster status``'s autostop block, from its node records (``autostop`` as
+    ``providers.clusters.status`` gives it)."""
+    known = [f"{n['rank']:>4}  {n['autostop']['text']}" for n in nodes if n.get("autostop")]
+    return ["autostop (each node judges its own idleness):", *known] if known else []

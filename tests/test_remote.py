@@ -8,6 +8,7 @@ slow part (the wheelhouse upload), every test after it runs in seconds.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import secrets
@@ -334,3 +335,66 @@ def test_heartbeats_cross_a_slow_link_while_a_round_is_in_flight(deployed, tmp_p
     assert trial["lost_workers"] == []
     elapsed = run["metrics"]["elapsed_s"]
     assert elapsed[1] - elapsed[0] > 5 * 0.2 * 3  # a round outlasted the window 5 times over
+
+
+def peer_ports(state, node: int) -> list[int]:
+    """TCP ports in relufit's peer range that host ``node`` listens on (its agents')."""
+    out = subprocess.run(["ip", "netns", "exec", state.hosts[node].namespace, "ss", "-Hltn"],
+                         capture_output=True, text=True, check=True).stdout
+    ports = {int(line.split()[3].rsplit(":", 1)[1]) for line in out.splitlines() if line}
+    return sorted(p for p in ports if 5556 <= p <= 5655)
+
+
+def test_allreduce_peers_refuse_whoever_lacks_the_runs_keys(deployed, tmp_path):
+    """During an allreduce run, clients with another key pair and with no keys at all
+    connect to every agent's peer port and send PARTs and MEANs for the run's own trial and
+    rounds: the CurveZMQ handshake keeps them out, and the run ends exactly as sim's."""
+    import zmq
+
+    from worker import curve, protocol
+
+    c, state = deployed
+    exp_file = write_exp(tmp_path / "exp.toml", rounds=300,
+                         sweep='[sweep]\n"cluster.topology" = ["allreduce"]')
+    other = curve.create_keys(tmp_path / "other")
+    ctx = zmq.Context()
+    socks = []
+    try:
+        with cluster_run(c, state, exp_file, tmp_path / "results", 10) as (proc, run_id):
+            targets = [(h.address, p) for i, h in enumerate(state.hosts[1:], 1)
+                       for p in peer_ports(state, i)]
+            theirs = tmp_path / "agent-key"  # the agents' public key is no secret: use it
+            theirs.mkdir()
+            (theirs / curve.CLIENT_SECRET).write_text(host_ssh(
+                state, 1, f"cat relufit-runs/{run_id}/keys-agent/{curve.CLIENT_SECRET}").stdout)
+            (theirs / curve.CLIENT_SECRET).chmod(0o600)
+            agents_public = curve.load_key(theirs / curve.CLIENT_SECRET, secret=True)[0]
+            assert len(targets) == 3  # ranks 0 and 2 on node 1, rank 1 on node 2
+            for (address, port), keyed in itertools.product(targets, (True, False)):
+                s = ctx.socket(zmq.DEALER)
+                s.setsockopt(zmq.LINGER, 0)
+                s.setsockopt(zmq.ROUTING_ID, b"p1-0-intruder")
+                if keyed:  # a well-formed Curve client, but not with the run's keys
+                    pub, sec = curve.load_key(other / curve.CLIENT_SECRET, secret=True)
+                    s.curve_secretkey, s.curve_publickey = sec, pub
+                    s.curve_serverkey = agents_public
+                s.connect(f"tcp://{address}:{port}")
+                socks.append(s)
+            for r in range(10, 300):
+                for s, t in itertools.product(socks, (protocol.PART, protocol.MEAN)):
+                    try:
+                        s.send_multipart(protocol.build(t, [b"\x00" * 64], trial=0, round=r,
+                                                        epoch=0, rank=1), flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        pass
+            _, stderr = proc.communicate(timeout=120)
+    finally:
+        for s in socks:
+            s.close(linger=0)
+        ctx.term()
+    assert proc.returncode == 0, stderr[-2000:]
+    run = load_run(tmp_path / "results" / run_id)
+    sim = run_experiment(load_experiment(exp_file), SimPool(), tmp_path / "sim", "sim",
+                         progress=lambda line: None)
+    np.testing.assert_array_equal(run["metrics"]["rel_error"],
+                                  load_run(sim)["metrics"]["rel_error"])

@@ -363,7 +363,8 @@ class Agent:
         self.last_sent_round = round_
         self._send(protocol.build(
             protocol.GRADIENT, [res.payload], pad=protocol.GRADIENT_HEADER, trial=trial,
-            round=round_, compute_s=res.compute_s, encode_s=res.encode_s, apply_s=apply_s,
+            round=round_, compute_s=protocol.seconds(res.compute_s),
+            encode_s=protocol.seconds(res.encode_s), apply_s=protocol.seconds(apply_s),
             bytes_peer=0,
         ))
 
@@ -416,7 +417,9 @@ class Agent:
                     or key[0] not in (ar.epoch, ar.epoch + 1)
                     or not oldest <= key[1] <= self.next_round
                     or sender == self.rank or sender >= spec.workers):
-                self._dropped(ProtocolError(f"stale or foreign {msg.type} {key} from {sender}"))
+                self.dropped += 1
+                log.warning("dropped a stale or foreign %s (epoch, round %s) from peer %d",
+                            msg.type, key, sender)
                 continue
             box = ar.inbox.setdefault(key, ({}, {}))
             box[0 if msg.type == protocol.PART else 1][sender] = msg.payloads[0]
@@ -484,8 +487,10 @@ class Agent:
         """Our GRADIENT to the master: our mean chunk and the round's figures."""
         ar = self.ar
         ar.phase = "means"
+        timing = {k: protocol.seconds(ar.stats[k]) for k in ("compute_s", "encode_s", "apply_s")}
         self._send(protocol.build(protocol.GRADIENT, [mean], pad=protocol.GRADIENT_HEADER,
-                                  trial=self.spec.trial, round=ar.round, **ar.stats))
+                                  trial=self.spec.trial, round=ar.round,
+                                  bytes_peer=ar.stats["bytes_peer"], **timing))
 
     def _heartbeat(self, now: float) -> None:
         try:

@@ -446,11 +446,26 @@ def _overlaps(width: int):
             yield i, j, hi - lo, (i + 1) * width - hi, 8 * j + 8 - hi
 
 
+@functools.cache
+def _overlap_table(width: int) -> tuple[tuple[int, int, int, int, int], ...]:
+    return tuple(_overlaps(width))
+
+
 _REP = 0x0101010101010101  # one in every byte of a uint64
 
 
 def _rep(byte: int) -> np.uint64:
     return np.uint64(_REP * byte)
+
+
+@functools.cache
+def _planar_ops(width: int) -> tuple[tuple[int, int, np.uint64, np.uint64, np.uint64], ...]:
+    """``_overlaps(width)`` as (field, byte, field shift, byte shift, byte-parallel mask),
+    made once per width: a chunked allreduce codes many small vectors a round, and building
+    these per call cost as much as the coding itself at d ~ 1e3."""
+    t = np.uint64
+    return tuple((i, j, t(fshift), t(bshift), _rep((1 << nbits) - 1))
+                 for i, j, nbits, fshift, bshift in _overlaps(width))
 
 
 def _planar_split(d: int, width: int) -> tuple[int, int, int]:
@@ -502,10 +517,9 @@ def _pack_planar(u: np.ndarray, d: int, width: int) -> np.ndarray:
     out = np.empty(nbytes * m + len(tail), dtype=np.uint8)
     planes = out[: nbytes * m].view(np.uint64).reshape(nbytes, m // 8)
     planes[:] = 0
-    t = np.uint64
-    for i, j, nbits, fshift, bshift in _overlaps(width):
-        part = (fields[i] >> t(fshift)) & _rep((1 << nbits) - 1)
-        planes[j] |= part << t(bshift) if bshift else part
+    for i, j, fshift, bshift, mask in _planar_ops(width):
+        part = (fields[i] >> fshift) & mask
+        planes[j] |= part << bshift if bshift else part
     out[nbytes * m :] = tail
     return out
 
@@ -518,10 +532,9 @@ def _unpack_planar(body: np.ndarray, d: int, width: int) -> np.ndarray:
     aligned[:] = body[: nbytes * m]
     planes = aligned.view(np.uint64).reshape(nbytes, m // 8)
     fields = u[: group * m].view(np.uint64).reshape(group, m // 8)
-    t = np.uint64
-    for i, j, nbits, fshift, bshift in _overlaps(width):
-        part = (planes[j] >> t(bshift)) & _rep((1 << nbits) - 1)
-        fields[i] |= part << t(fshift) if fshift else part
+    for i, j, fshift, bshift, mask in _planar_ops(width):
+        part = (planes[j] >> bshift) & mask
+        fields[i] |= part << fshift if fshift else part
     tail = _unpack_columns(body[nbytes * m :], d - group * m, width, np.dtype(np.uint8))
     u[group * m : d] = tail
     return u
@@ -541,7 +554,7 @@ def _pack_columns(u: np.ndarray, width: int) -> np.ndarray:
         u = np.concatenate([u, np.zeros(m * group - d, dtype=u.dtype)])
     cols = u.reshape(m, group)
     out = np.zeros((m, nbytes), dtype=np.uint8)
-    for i, j, nbits, fshift, bshift in _overlaps(width):
+    for i, j, nbits, fshift, bshift in _overlap_table(width):
         part = cols[:, i] >> u.dtype.type(fshift) if fshift else cols[:, i]
         if nbits < width or fshift:
             part = part & u.dtype.type((1 << nbits) - 1)
@@ -560,7 +573,7 @@ def _unpack_columns(body: np.ndarray, d: int, width: int, udt: np.dtype) -> np.n
     rows = body.reshape(m, nbytes)
     cols = np.zeros((m, group), dtype=udt)
     t = udt.type
-    for i, j, nbits, fshift, bshift in _overlaps(width):
+    for i, j, nbits, fshift, bshift in _overlap_table(width):
         part = rows[:, j].astype(udt) if udt.itemsize > 1 else rows[:, j]
         if bshift:
             part = part >> t(bshift)

@@ -1,0 +1,247 @@
+"""A cost model of one round per topology, fitted to measured rows, then extrapolated to EC2.
+
+Run: python benchmarks/model.py ROWS.json [--cores 2] [--plot PNG] [--json OUT]
+    (ROWS.json: the --json of benchmarks/scaling.py)
+
+Per topology the round is a sum of five costs, each a known count times a fitted constant:
+
+    round = alpha * messages + kappa * bytes / rate + gamma * coded coordinates
+            + c_call * codec calls + delta * d * batch * crowding
+
+- messages: sends on the round's critical path, each paying a fixed latency (alpha): ps,
+  broadcast and allgather 2 (up, down); allreduce 3 + 2 (M - 1) (the ROUND, and the parts and
+  means a worker sends one after another); an MPI ring 2 (M - 1) steps.
+- bytes / rate: the busiest link's bytes on the critical path over its nominal rate; kappa
+  (>= 1) is how far below nominal the link really runs (TCP, framing, tbf's bucket). For a
+  compressed payload P of the whole vector and F = 4d: ps M P + M F (the master's link, up
+  then down), broadcast 2 M P, allgather M P + M (M - 1) P, allreduce (M - 1)/M P + P (a
+  worker's link in the scatter, then the master's, which takes the M mean chunks while the
+  workers swap theirs), MPI ring 2 (M - 1)/M F.
+- coded coordinates and codec calls: on the critical path (the slowest worker, then the
+  master): ps d + M d (M calls at the master); broadcast 2d + (M + 1) d; allgather M d + M d;
+  allreduce d + 2 (M - 1)/M d + d/M on a worker (3M - 1 calls) and d at the master (M calls).
+  float32 codes nothing.
+- delta: the gradient per coordinate and sample.
+- crowding = max(1, M / cores): the workers' own costs (gradient, their coding) stretch when
+  M processes share ``cores`` CPUs, as they do on the 2-core machine the rows come from.
+
+The five constants are fitted by non-negative least squares on relative error (every row
+weighs alike, whatever its size) and the error on each row is reported. The prediction
+then sets cores = M (one core per worker, as on EC2) and the nominal rates of the netns
+backend's dated EC2 presets.
+
+Rounds to 1e-6 for the predictions: the measured (sim) rounds at the largest measured M are
+used for every larger M (more workers, a larger global batch, no more rounds: a conservative
+choice); at d = 1e6 the d = 1e4 rounds are scaled by 100, as the step size that converges
+scales as 1/d (docs/reference.md, Step size): an assumption, not a measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from worker import qsgd  # noqa: E402
+
+PARAMS = ("alpha_ms", "kappa", "gamma_ns", "call_us", "delta_ns")
+SETTING_BYTES = {"fp32": lambda d: 4 * d,
+                 "s15b128fixed": lambda d: qsgd.fixed_payload_bytes(d, 15, 128)}
+PRESETS = ("c5.large-baseline", "c5n.large-baseline", "c5n.18xlarge")
+TOPOLOGIES = ("broadcast", "allreduce", "mpi-allreduce")
+
+
+def features(topology: str, setting: str, m: int, d: int, batch: int, bps: float,
+             cores: float) -> np.ndarray:
+    """The five counts of one round (see the module doc), in PARAMS' order and units:
+    messages, seconds of bytes at nominal rate (x1e3: ms), coordinates (x1e-6: ns -> ms),
+    calls (x1e-3: us -> ms), d * batch * crowding (x1e-6)."""
+    f = 4 * d
+    p = SETTING_BYTES[setting](d)
+    crowd = max(1.0, m / cores)
+    coded = setting != "fp32"
+    if topology == "mpi-allreduce":
+        msgs, nbytes, coords, calls = 2 * (m - 1), 2 * (m - 1) / m * f, 0.0, 0.0
+    elif topology == "ps":
+        msgs, nbytes = 2, m * p + m * f
+        coords, calls = d * crowd + m * d, crowd + m
+    elif topology == "broadcast":
+        msgs, nbytes = 2, 2 * m * p
+        coords, calls = 2 * d * crowd + (m + 1) * d, 2 * crowd + m + 1
+    elif topology == "allgather":
+        msgs, nbytes = 2, m * p + m * (m - 1) * p
+        coords, calls = m * d * crowd + m * d, m * crowd + m
+    elif topology == "allreduce":
+        msgs, nbytes = 3 + 2 * (m - 1), (m - 1) / m * p + p
+        coords = (d + 2 * (m - 1) / m * d + d / m) * crowd + d
+        calls = (3 * m - 1) * crowd + m
+    else:
+        raise ValueError(topology)
+    if not coded:
+        coords, calls = 0.0, 0.0
+    return np.array([msgs, 8e3 * nbytes / bps, coords * 1e-6, calls * 1e-3,
+                     d * batch * crowd * 1e-6])
+
+
+def nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Least squares with x >= 0, by trying every set of free columns (5 of them: 32 tries)."""
+    best, best_err = np.zeros(a.shape[1]), float(np.sum(b ** 2))
+    for k in range(1, a.shape[1] + 1):
+        for cols in itertools.combinations(range(a.shape[1]), k):
+            x_sub = np.linalg.lstsq(a[:, cols], b, rcond=None)[0]
+            if (x_sub < 0).any():
+                continue
+            x = np.zeros(a.shape[1])
+            x[list(cols)] = x_sub
+            err = float(np.sum((a @ x - b) ** 2))
+            if err < best_err:
+                best, best_err = x, err
+    return best
+
+
+def rate_of(link: str) -> float:
+    from orchestrator.providers.netns import parse_rate
+
+    return float(parse_rate(link))
+
+
+def rounds_for(rows: list[dict], topology: str, setting: str, m: int, d: int) -> float | None:
+    """Rounds to 1e-6 (see the module doc): measured at d = 1e4 up to the largest M, held
+    beyond it; x d / 1e4 at other d."""
+    topo = "broadcast" if topology == "mpi-allreduce" else topology
+    got = {r["M"]: r["rounds"] for r in rows if r["topology"] == topo and r["setting"] == setting
+           and r.get("rounds") and r["d"] == 10_000}
+    if not got:
+        return None
+    known = [k for k in sorted(got) if k <= m] or [min(got)]
+    return got[known[-1]] * d / 10_000
+
+
+def predict(x: np.ndarray, rows: list[dict], batch: int) -> list[dict]:
+    from orchestrator.providers.netns import PRESETS as LINKS
+
+    out = []
+    for preset, d, topo, setting in itertools.product(
+            PRESETS, (10_000, 1_000_000), TOPOLOGIES, ("fp32", "s15b128fixed")):
+        if topo == "mpi-allreduce" and setting != "fp32":
+            continue
+        for m in (2, 4, 8, 16, 32, 64, 128, 256):
+            ms = float(features(topo, setting, m, d, batch, LINKS[preset].bits_per_s, m) @ x)
+            rounds = rounds_for(rows, topo, setting, m, d)
+            out.append({"preset": preset, "d": d, "M": m, "topology": topo, "setting": setting,
+                        "round_ms": ms, "rounds": rounds,
+                        "t_target_s": rounds * ms / 1e3 if rounds else None})
+    return out
+
+
+def verdicts(pred: list[dict]) -> list[str]:
+    lines = []
+    for preset, d in itertools.product(PRESETS, (10_000, 1_000_000)):
+        def at(topo: str, setting: str, m: int, preset: str = preset, d: int = d) -> dict:
+            return next(p for p in pred if (p["preset"], p["d"], p["topology"], p["setting"],
+                                            p["M"]) == (preset, d, topo, setting, m))
+        ratios = [(m, at("mpi-allreduce", "fp32", m)["round_ms"]
+                   / at("allreduce", "s15b128fixed", m)["round_ms"])
+                  for m in (2, 4, 8, 16, 32, 64, 128, 256)]
+        wins = [m for m, r in ratios if r > 1]
+        desc = ", ".join(f"M={m}: {r:.2f}x" for m, r in ratios)
+        where = (f"wins at M in {wins[0]}..{wins[-1]}" if wins else "never wins")
+        lines.append(f"{preset}, d = {d:.0e}: allreduce s15b128fixed vs MPI float32 per round "
+                     f"{where} ({desc})")
+    return lines
+
+
+def plot(pred: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(PRESETS), 2, figsize=(11, 3.2 * len(PRESETS)), squeeze=False)
+    for (i, preset), (j, d) in itertools.product(enumerate(PRESETS),
+                                                 enumerate((10_000, 1_000_000))):
+        ax = axes[i][j]
+        for topo, setting in (("broadcast", "s15b128fixed"), ("allreduce", "s15b128fixed"),
+                              ("allreduce", "fp32"), ("mpi-allreduce", "fp32")):
+            pts = [p for p in pred if (p["preset"], p["d"], p["topology"], p["setting"])
+                   == (preset, d, topo, setting)]
+            ax.plot([p["M"] for p in pts], [p["round_ms"] for p in pts], marker="o", ms=3,
+                    ls="--" if topo == "mpi-allreduce" else "-", label=f"{topo} {setting}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(f"{preset}, d = {d:.0e}", fontsize=9)
+        ax.set_xlabel("workers M")
+        ax.set_ylabel("model: ms per round")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Predicted time per round, one core per worker (fitted on netns rows)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("rows", type=Path, help="benchmarks/scaling.py --json output")
+    p.add_argument("--cores", type=float, default=2.0, help="CPUs of the measuring machine")
+    p.add_argument("--batch", type=int, default=128, help="per worker, at d = 1e4")
+    p.add_argument("--big-batch", type=int, default=16, help="per worker, at d = 1e6")
+    p.add_argument("--plot", type=Path)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    rows = json.loads(args.rows.read_text())
+    for r in rows:
+        r.setdefault("batch", args.batch if r["d"] <= 10_000 else args.big_batch)
+    x, errs = fit_rows(rows, args.cores)
+    print("fitted: " + ", ".join(f"{k} = {v:.4g}" for k, v in zip(PARAMS, x, strict=True)))
+    print("| link | d | M | topology | setting | measured ms | model ms | error |\n"
+          + "|---" * 8 + "|")
+    for e in errs:
+        print(f"| {e['link']} | {e['d']:.0e} | {e['M']} | {e['topology']} | {e['setting']} | "
+              f"{e['measured_ms']:.1f} | {e['model_ms']:.1f} | {100 * e['error']:+.0f}% |")
+    worst = max(abs(e["error"]) for e in errs)
+    print(f"largest error {100 * worst:.0f}% over {len(errs)} rows "
+          f"({sum(abs(e['error']) <= 0.2 for e in errs)} within 20%)")
+    pred = predict(x, rows, args.batch)
+    print()
+    print("| preset | d | M | topology | setting | ms per round | rounds | time to 1e-6 s |\n"
+          + "|---" * 8 + "|")
+    for q in pred:
+        if q["M"] in (8, 64, 256):
+            t = f"{q['t_target_s']:.1f}" if q["t_target_s"] else "-"
+            rounds = f"{q['rounds']:.0f}" if q["rounds"] else "-"
+            print(f"| {q['preset']} | {q['d']:.0e} | {q['M']} | {q['topology']} | "
+                  f"{q['setting']} | {q['round_ms']:.2f} | {rounds} | {t} |")
+    print()
+    for line in verdicts(pred):
+        print(line)
+    if args.plot:
+        plot(pred, args.plot)
+    if args.json:
+        args.json.write_text(json.dumps({"params": dict(zip(PARAMS, x.tolist(), strict=True)),
+                                         "errors": errs, "predictions": pred}, indent=1))
+
+
+def fit_rows(rows: list[dict], cores: float) -> tuple[np.ndarray, list[dict]]:
+    """The constants by NNLS on relative error (each row with its own batch), and each row's
+    error."""
+    usable = [r for r in rows if r["setting"] in SETTING_BYTES and r["round_ms"] > 0]
+    a = np.array([features(r["topology"], r["setting"], r["M"], r["d"], r["batch"],
+                           rate_of(r["link"]), cores) for r in usable])
+    t = np.array([r["round_ms"] for r in usable])
+    x = nnls(a / t[:, None], np.ones(len(t)))
+    errs = [{**{k: r[k] for k in ("link", "d", "M", "topology", "setting")},
+             "measured_ms": float(ti), "model_ms": float(ai @ x), "error": float(ai @ x / ti - 1)}
+            for r, ai, ti in zip(usable, a, t, strict=True)]
+    return x, errs
+
+
+if __name__ == "__main__":
+    main()

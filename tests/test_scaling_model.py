@@ -1,0 +1,64 @@
+"""benchmarks/scaling.py's bytes per link and benchmarks/model.py's cost model, without netns."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import model, scaling  # noqa: E402
+
+
+def test_link_bytes_split_the_master_and_a_worker():
+    m = {"bytes_up": np.full(10, 4000.0), "bytes_down": np.full(10, 400.0),
+         "bytes_peer": np.full(10, 24000.0)}
+    got = scaling.link_bytes(m, 4)
+    assert got["master_kb"] == pytest.approx(4.4)
+    assert got["worker_kb"] == pytest.approx((4000 + 24000) / 4 / 1e3)
+    assert got["total_kb"] == pytest.approx(28.4)
+    assert got["busiest_kb"] == pytest.approx(7.0)
+
+
+def test_the_allreduce_masters_bytes_do_not_grow_with_the_workers_and_broadcasts_do():
+    d, bps = 10_000, 10e6
+    col = 1  # bytes / rate
+    ar = [model.features("allreduce", "s15b128fixed", m, d, 128, bps, m)[col] for m in (2, 8, 64)]
+    bc = [model.features("broadcast", "s15b128fixed", m, d, 128, bps, m)[col] for m in (2, 8, 64)]
+    mpi = [model.features("mpi-allreduce", "fp32", m, d, 128, bps, m)[col] for m in (2, 8, 64)]
+    assert max(ar) < 2 * min(ar) and bc[2] == pytest.approx(32 * bc[0])
+    assert mpi[2] == pytest.approx(2 * 63 / 64 * 4 * d * 8e3 / bps)
+    assert model.features("allreduce", "fp32", 8, d, 128, bps, 8)[2:4].tolist() == [0, 0]
+
+
+def test_nnls_recovers_known_constants_and_fits_them_exactly():
+    truth = np.array([0.3, 1.2, 5.0, 40.0, 2.0])
+    rows = []
+    for link in ("10mbit", "100mbit"):
+        for m in (2, 4, 8):
+            for topo, setting in (("broadcast", "fp32"), ("broadcast", "s15b128fixed"),
+                                  ("allreduce", "fp32"), ("allreduce", "s15b128fixed"),
+                                  ("mpi-allreduce", "fp32")):
+                f = model.features(topo, setting, m, 10_000, 128, model.rate_of(link), 2)
+                rows.append({"link": link, "d": 10_000, "M": m, "topology": topo,
+                             "setting": setting, "round_ms": float(f @ truth), "batch": 128})
+    x, errs = model.fit_rows(rows, 2)
+    np.testing.assert_allclose(x, truth, rtol=1e-6)
+    assert max(abs(e["error"]) for e in errs) < 1e-9
+
+
+def test_nnls_keeps_constants_non_negative():
+    a = np.array([[1.0, 1.0], [1.0, 2.0], [1.0, 3.0]])
+    b = np.array([3.0, 2.0, 1.0])  # the unconstrained slope is negative
+    x = model.nnls(a, b)
+    assert (x >= 0).all() and x[1] == 0 and x[0] == pytest.approx(2.0)
+
+
+def test_rounds_are_held_beyond_the_largest_measured_m_and_scaled_with_d():
+    rows = [{"topology": "allreduce", "setting": "fp32", "M": m, "rounds": r, "d": 10_000}
+            for m, r in ((2, 3000), (4, 2000), (8, 1800))]
+    assert model.rounds_for(rows, "allreduce", "fp32", 4, 10_000) == 2000
+    assert model.rounds_for(rows, "allreduce", "fp32", 64, 10_000) == 1800
+    assert model.rounds_for(rows, "allreduce", "fp32", 64, 1_000_000) == 180_000
+    assert model.rounds_for(rows, "broadcast", "fp32", 4, 10_000) is None
