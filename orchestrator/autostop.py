@@ -61,11 +61,17 @@ def watchdog_args(idle_minutes: float, action: str) -> str:
 
 def apply(c: Cluster, idle_minutes: float | None, progress: Progress) -> Cluster:
     """After ``up``: arm cluster ``c``'s watchdogs (netns, hosts; EC2's came with the
-    user-data) unless ``idle_minutes`` is 0. The cluster as saved."""
+    user-data), or with ``idle_minutes`` 0 disarm them (a hosts cluster may be made again
+    over one that had them). The cluster as saved."""
     minutes = check_idle_minutes(idle_minutes, c.provider)
-    if c.provider == "ec2" or not minutes:
+    if c.provider == "ec2":
         return c
-    return arm(c, minutes, progress)
+    if minutes:
+        return arm(c, minutes, progress)
+    disarm(c, progress)
+    c = replace(c, extra={**c.extra, "idle_minutes": 0.0})
+    model.save_cluster(c)
+    return c
 
 
 def arm(c: Cluster, idle_minutes: float, progress: Progress) -> Cluster:

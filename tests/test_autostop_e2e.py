@@ -6,7 +6,7 @@ ends, every node's watchdog fires within the limit, and no relufit process is le
 cluster (the watchdogs included).
 
 hosts (one sshd on 127.0.0.1): the watchdog fires and ends; a deploy's or run's touch starts
-it again; `cluster down` stops it.
+it again; `cluster up` again with `--idle-minutes 0` and `cluster down` stop it.
 """
 
 from __future__ import annotations
@@ -185,6 +185,11 @@ def test_hosts_watchdog_fires_restarts_on_a_touch_and_ends_with_down(sshd_host, 
     c = hosts_up(f)  # again, with the default limit: the old watchdog gives way to a new one
     assert len(host_watchdogs(sshd_host)) == 1
     assert "(idle limit 30 min)" in autostop.node_states(c)[0].text
+    c = hosts_up(f, "--idle-minutes", "0")  # and again without autostop: none left, and
+    wait_for("the watchdog stopped", lambda: not host_watchdogs(sshd_host), 10)
+    subprocess.run(sshd_host.ssh(watchdog.TOUCH_COMMAND), check=True, timeout=20)
+    assert host_watchdogs(sshd_host) == []  # a touch no longer starts it
+    c = hosts_up(f)
     res = CliRunner().invoke(cli, ["cluster", "down", "lab"])
     assert res.exit_code == 0, res.output
     wait_for("down stopped the watchdog", lambda: not host_watchdogs(sshd_host), 10)

@@ -180,11 +180,12 @@ def down(name: str, progress: Progress = lambda line: None) -> bool:
         return False
     if c.provider != "hosts":
         raise RelufitError(f"cluster {name!r} is a {c.provider} cluster, not hosts")
-    try:
-        autostop.disarm(c, progress)
-        remote.stop(c, None, progress)
-    except RelufitError as e:
-        progress(f"could not stop processes on every host ({e}); forgetting the cluster anyway")
+    for stop in (lambda: autostop.disarm(c, progress), lambda: remote.stop(c, None, progress)):
+        try:  # each on every host it reaches, whatever the other did
+            stop()
+        except RelufitError as e:
+            progress(f"could not stop processes on every host ({e}); forgetting the cluster "
+                     "anyway")
     model.remove_cluster_state(name)
     progress(f"forgot hosts cluster {name} (the machines are untouched)")
     return True
