@@ -12,6 +12,8 @@ topology x setting for ``--rounds`` rounds (``relufit run --cluster``, ``cluster
 the other agents idle), and the MPI float32 ``Allreduce`` baseline (benchmarks/mpi_baseline.py)
 on the same M hosts. The cluster is removed in ``finally``.
 
+The step size is --lr (0.045, issue 12's) at 4 workers, scaled linearly with M.
+
 Time to 1e-6 = rounds to 1e-6 x the median time per round. The rounds are not measured on
 the cluster but taken from ``--backend sim``, run first (before any cluster, so it does not
 share the CPUs with the measured rounds): every backend's ``rel_error`` equals sim's bit for
@@ -133,6 +135,12 @@ def mpi_row(name: str, link: str, m: int, d: int, n: int, batch: int, lr: float,
     return row
 
 
+def lr_at(args: argparse.Namespace, m: int) -> float:
+    """The step size at M workers: --lr at 4, scaled with the global batch (at M = 2 the
+    4-worker step is near the 2B/d limit and converges too slowly to compare)."""
+    return args.lr * m / 4
+
+
 def floor_ms(args: argparse.Namespace, m: int, tmp: Path) -> dict:
     """benchmarks/floor.py at M workers (no cluster up): gradient, + encode, + decode 1."""
     out = tmp / f"floor{m}.json"
@@ -156,13 +164,13 @@ def run_link(link: str, args: argparse.Namespace, tmp: Path, sims: dict,
         relufit("deploy", name)
         exp_file = tmp / "scaling.toml"
         for m in ms:
-            exp_file.write_text(experiment(args.d, args.n, args.batch, args.lr, args.rounds, 0,
-                                           max(ms)))
+            exp_file.write_text(experiment(args.d, args.n, args.batch, lr_at(args, m),
+                                           args.rounds, 0, max(ms)))
             rows += cluster_rows(name, link, m, exp_file, topologies, settings, sims[m],
                                  Path("results"), args.d, bps)
             if args.mpi:
                 fp32 = sims[m].get(("broadcast", "fp32"))
-                rows.append(mpi_row(name, link, m, args.d, args.n, args.batch, args.lr,
+                rows.append(mpi_row(name, link, m, args.d, args.n, args.batch, lr_at(args, m),
                                     args.rounds, fp32["rounds"] if fp32 else None, bps))
             for r in rows:
                 if r["M"] == m and r["link"] == link and m in floors:
@@ -230,7 +238,8 @@ def main() -> None:
     p.add_argument("--d", type=int, default=10_000)
     p.add_argument("--n", type=int, default=100_000)
     p.add_argument("--batch", type=int, default=128, help="per worker")
-    p.add_argument("--lr", type=float, default=0.045)
+    p.add_argument("--lr", type=float, default=0.045,
+                   help="at 4 workers; scaled linearly with M (the global batch)")
     p.add_argument("--rounds", type=int, default=60, help="measured rounds per row")
     p.add_argument("--target", type=float, default=1e-6)
     p.add_argument("--max-rounds", type=int, default=5000, help="sim's budget to the target")
@@ -254,7 +263,7 @@ def main() -> None:
         sims, floors = {}, {}
         for m in ms:  # before any cluster: sim and the floor have the CPUs to themselves
             exp_file = tmp / "sim.toml"
-            exp_file.write_text(experiment(args.d, args.n, args.batch, args.lr,
+            exp_file.write_text(experiment(args.d, args.n, args.batch, lr_at(args, m),
                                            args.max_rounds, args.target, m))
             sims[m] = sim_rounds(exp_file, m, topologies, settings, tmp / "sim", args.rounds,
                                  args.target)

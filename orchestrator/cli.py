@@ -45,24 +45,45 @@ def echo_progress(line: str) -> None:
     click.echo(line, err=True)
 
 
+overrides_option = click.option(
+    "--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+    help="Override any key of the experiment file; repeatable.")
+out_option = click.option(
+    "--out", default="results", show_default=True, type=click.Path(file_okay=False),
+    help="Where run directories are written.")
+from_index_option = click.option(
+    "--from-index", is_flag=True,
+    help="Nodes install the dependencies from their package index, instead of the wheels "
+         "shipped from here.")
+json_option = click.option(
+    "--json", "as_json", is_flag=True,
+    help="Print one JSON object on stdout (schema: README, 'Output for scripts'); progress "
+         "and errors stay on stderr.")
+
+
+def echo_json(record: object) -> None:
+    import json
+
+    click.echo(json.dumps(record, indent=1))
+
+
 # ---------------------------------------------------------------- run (core)
 
 
 @cli.command()
 @click.argument("experiment_file", type=click.Path(dir_okay=False))
 @click.option("--backend", "-b", default=None, help="sim or local (default: local).")
-@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
-              help="Override any key of the experiment file; repeatable.")
-@click.option("--out", default="results", show_default=True, type=click.Path(file_okay=False),
-              help="Where run directories are written.")
+@overrides_option
+@out_option
 @click.option("--bind", default="tcp://0.0.0.0:5555", hidden=True,
               help="listen backend: the master's address; agents connect to it.")
 @click.option("--curve-dir", default=None, hidden=True, type=click.Path(file_okay=False),
               help="listen backend: CurveZMQ keys (server.key_secret, clients' *.key).")
 @click.option("--cluster", "cluster_name", default=None, metavar="NAME",
               help="Run on cluster NAME (`relufit cluster up`; then `relufit deploy NAME`).")
+@json_option
 def run(experiment_file: str, backend: str | None, overrides: tuple[str, ...], out: str,
-        bind: str, curve_dir: str | None, cluster_name: str | None) -> None:
+        bind: str, curve_dir: str | None, cluster_name: str | None, as_json: bool) -> None:
     """Run EXPERIMENT_FILE (TOML): every trial of its sweep, written to OUT/<run-id>/."""
     from orchestrator.config import load_experiment
     from orchestrator.providers import DEFAULT_BACKEND, open_pool
@@ -74,13 +95,18 @@ def run(experiment_file: str, backend: str | None, overrides: tuple[str, ...], o
             raise ConfigError("--backend", "not with --cluster: the cluster is the backend")
         from orchestrator.remote import run_on_cluster
 
-        click.echo(str(run_on_cluster(exp, _find_cluster(cluster_name), out, echo_progress)))
-        return
-    backend = backend or DEFAULT_BACKEND
-    options = {"bind": bind, "curve_dir": curve_dir, "progress": echo_progress}
-    with open_pool(backend, exp, **(options if backend == "listen" else {})) as pool:
-        path = run_experiment(exp, pool, out, backend, progress=echo_progress)
-    click.echo(str(path))
+        path = run_on_cluster(exp, _find_cluster(cluster_name), out, echo_progress)
+    else:
+        backend = backend or DEFAULT_BACKEND
+        options = {"bind": bind, "curve_dir": curve_dir, "progress": echo_progress}
+        with open_pool(backend, exp, **(options if backend == "listen" else {})) as pool:
+            path = run_experiment(exp, pool, out, backend, progress=echo_progress)
+    if as_json:
+        from orchestrator.results import run_record
+
+        echo_json(run_record(path))
+    else:
+        click.echo(str(path))
 # ---------------------------------------------------------------- agent (engine)
 
 
@@ -130,14 +156,61 @@ def report(run_dirs: tuple[str, ...], out: str | None, target: float) -> None:
 
 
 def _confirm(yes: bool):
-    """The confirmation callback the providers ask before spending money or deleting."""
-    return (lambda _question: True) if yes else (lambda q: click.confirm(q, default=False))
+    """The confirmation callback the providers ask before spending money or deleting; the
+    question goes to stderr, so stdout stays parseable."""
+    return (lambda _question: True) if yes else (
+        lambda q: click.confirm(q, default=False, err=True))
 
 
 region_option = click.option(
     "--region", default=None,
     help="AWS region (default: AWS_REGION, AWS_DEFAULT_REGION, then the AWS_PROFILE's).")
 yes_option = click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+
+# What cluster to make: `cluster up` and `launch` take the same flags, declared once here.
+# Every default is None (the providers apply theirs), so a flag the user gave can be told
+# from one they did not. A new `up` flag goes into this list and reaches both commands.
+CLUSTER_OPTIONS = (
+    click.option("--provider", type=click.Choice(["ec2", "hosts", "netns"]), default=None,
+                 help="Where the nodes come from [default: ec2]."),
+    click.option("--spec", "spec_file", type=click.Path(dir_okay=False), default=None,
+                 help="Cluster spec (TOML; keys as these flags, with _ for -); flags override "
+                      "it."),
+    click.option("--name", default=None, help="Cluster name (a-z, 0-9, -)."),
+    click.option("--workers", type=click.IntRange(min=1), default=None,
+                 help="Worker nodes, besides the master [default: 2; launch: the "
+                      "experiment's workers]."),
+    region_option,
+    click.option("--instance-type", default=None, help="Workers' type [default: c5.large]."),
+    click.option("--master-instance-type", default=None,
+                 help="Master's type [default: as workers]."),
+    click.option("--ami", default=None,
+                 help="Image id [default: newest relufit:ami image, else newest Ubuntu LTS]."),
+    click.option("--spot/--on-demand", default=None,
+                 help="Spot instances [default: on-demand]."),
+    click.option("--subnet", default=None, help="Subnet id [default: the default VPC's]."),
+    click.option("--availability-zone", default=None,
+                 help="Preferred zone (others on no capacity)."),
+    click.option("--ssh-cidr", default=None,
+                 help="Who may SSH in [default: this machine's public IP /32]."),
+    click.option("--max-hours", type=float, default=None,
+                 help="Kill switch: instances terminate after this [default: 4]."),
+    click.option("--bandwidth", default=None, metavar="RATE",
+                 help="netns: workers' links, e.g. 100mbit, 1gbit or a preset such as "
+                      "c5.large [default: unshaped]."),
+    click.option("--master-bandwidth", default=None, metavar="RATE",
+                 help="netns: the master's link [default: as --bandwidth]."),
+    click.option("--hosts-file", default=None, type=click.Path(dir_okay=False),
+                 help="hosts: TOML file listing the machines (the first runs the master)."),
+)
+
+
+def cluster_options(fn):
+    """Decorate a command with ``CLUSTER_OPTIONS``; they arrive as keyword arguments named
+    as ``providers.clusters.request`` takes them."""
+    for option in reversed(CLUSTER_OPTIONS):
+        fn = option(fn)
+    return fn
 
 
 @cli.group()
@@ -146,70 +219,17 @@ def cluster() -> None:
 
 
 @cluster.command("up")
-@click.option("--provider", type=click.Choice(["ec2", "hosts", "netns"]), default="ec2",
-              show_default=True, help="Where the nodes come from.")
-@click.option("--spec", "spec_file", type=click.Path(dir_okay=False), default=None,
-              help="Cluster spec (TOML; keys as these flags, with _ for -); flags override it.")
-@click.option("--name", default=None, help="Cluster name (a-z, 0-9, -).")
-@click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Worker nodes, besides the master [default: 2].")
-@region_option
-@click.option("--instance-type", default=None, help="Workers' type [default: c5.large].")
-@click.option("--master-instance-type", default=None, help="Master's type [default: as workers].")
-@click.option("--ami", default=None,
-              help="Image id [default: newest relufit:ami image, else newest Ubuntu LTS].")
-@click.option("--spot/--on-demand", default=None, help="Spot instances [default: on-demand].")
-@click.option("--subnet", default=None, help="Subnet id [default: the default VPC's].")
-@click.option("--availability-zone", default=None, help="Preferred zone (others on no capacity).")
-@click.option("--ssh-cidr", default=None,
-              help="Who may SSH in [default: this machine's public IP /32].")
-@click.option("--max-hours", type=float, default=None,
-              help="Kill switch: instances terminate after this [default: 4].")
+@cluster_options
 @click.option("--dry-run", is_flag=True, help="Check everything with EC2; create nothing.")
-@click.option("--bandwidth", default=None, metavar="RATE",
-              help="netns: workers' links, e.g. 100mbit, 1gbit or a preset such as c5.large "
-                   "[default: unshaped].")
-@click.option("--master-bandwidth", default=None, metavar="RATE",
-              help="netns: the master's link [default: as --bandwidth].")
-@click.option("--hosts-file", default=None, type=click.Path(dir_okay=False),
-              help="hosts: TOML file listing the machines (the first runs the master).")
 @yes_option
-def cluster_up(provider: str, spec_file: str | None, dry_run: bool, yes: bool,
-               bandwidth: str | None, master_bandwidth: str | None, hosts_file: str | None,
-               **flags) -> None:
+def cluster_up(dry_run: bool, yes: bool, **cluster_flags) -> None:
     """Create a cluster: one master and --workers workers."""
-    if provider == "hosts":
-        _hosts_up(flags, hosts_file, bandwidth or master_bandwidth)
-        return
-    if provider == "netns":  # --spec and --dry-run are EC2's: refused by name
-        _netns_up({**flags, "spec": spec_file, "dry_run": dry_run or None}, bandwidth,
-                  master_bandwidth)
-        return
-    if bandwidth or master_bandwidth:
-        raise ConfigError("--bandwidth", "shapes emulated links: only with --provider netns")
-    if hosts_file:
-        raise ConfigError("--hosts-file", "only with --provider hosts")
-    from orchestrator.cluster import load_spec
-    from orchestrator.providers import ec2
+    from orchestrator.providers import clusters
 
-    spec = load_spec(spec_file, flags)
-    c = ec2.up(spec, confirm=_confirm(yes), progress=echo_progress, dry_run_only=dry_run)
+    req = clusters.request(dry_run=dry_run, **cluster_flags)
+    c = clusters.up(req, confirm=_confirm(yes), progress=echo_progress)
     if c is not None:
         click.echo(c.name)
-
-
-def _netns_up(flags: dict, bandwidth: str | None, master_bandwidth: str | None) -> None:
-    """`cluster up --provider netns`: emulated hosts on this machine (Linux, root)."""
-    from orchestrator.providers import netns
-
-    ec2_only = [k for k, v in flags.items() if v is not None and k not in ("name", "workers")]
-    if ec2_only:
-        raise ConfigError("--" + ec2_only[0].replace("_", "-"), "only with --provider ec2")
-    if not flags["name"]:
-        raise ConfigError("--name", "an emulated cluster needs a name")
-    c = netns.up(flags["name"], flags["workers"] or 2, bandwidth, master_bandwidth,
-                 progress=echo_progress)
-    click.echo(c.name)
 
 
 @cluster.command("down")
@@ -217,89 +237,64 @@ def _netns_up(flags: dict, bandwidth: str | None, master_bandwidth: str | None) 
 @region_option
 def cluster_down(name: str, region: str | None) -> None:
     """Remove cluster NAME and everything it made; safe to run twice."""
-    from orchestrator.cluster import check_name, read_cluster
-    from orchestrator.providers import netns
+    from orchestrator.providers import clusters
 
-    local = read_cluster(check_name(name, "NAME"))
-    provider = local.provider if local else "netns" if netns.exists(name) else "ec2"
-    if provider == "netns":  # also an `up` killed before it saved the cluster
-        netns.down(name, progress=echo_progress)
-        return
-    if provider == "hosts":
-        from orchestrator.providers import hosts
-
-        hosts.down(name, echo_progress)
-        return
-    if provider != "ec2":
-        raise RelufitError(f"`cluster down` for {provider} clusters is not available yet")
-    from orchestrator.providers import ec2
-
-    ec2.down(name, region, echo_progress)
+    clusters.down(name, region, echo_progress)
 
 
 @cluster.command("status")
 @click.argument("name")
 @region_option
-def cluster_status(name: str, region: str | None) -> None:
+@json_option
+def cluster_status(name: str, region: str | None, as_json: bool) -> None:
     """Nodes of cluster NAME: ranks, roles, addresses and states."""
-    from orchestrator.cluster import check_name, read_cluster
-    from orchestrator.providers import netns
+    from orchestrator.providers import clusters
 
-    local = read_cluster(check_name(name, "NAME"))
-    if local is not None and local.provider != "ec2":
-        for n in local.nodes:
-            click.echo(f"{n.rank:>4}  {n.role:<6}  {n.user}@{n.address}:{n.port}  "
-                       f"{n.private_address}")
-        return
-    if local is None and netns.exists(name):  # down, or an `up` that did not finish
-        if netns.leftovers(name):
-            raise RelufitError(f"netns cluster {name!r} is half made (an `up` did not finish): "
-                               f"`relufit cluster down {name}` removes what is left")
-        raise RelufitError(f"netns cluster {name!r} is down: `relufit cluster up --provider "
-                           f"netns --name {name}` makes it again")
-    from orchestrator.providers import ec2
-
-    _, rows = ec2.status(name, region)
-    if not rows:
-        raise RelufitError(f"no cluster {name!r} found: `relufit cluster list` shows them")
-    click.echo(f"{'rank':>4}  {'role':<6}  {'instance':<19}  {'type':<10}  {'state':<13}  "
-               f"{'public ip':<15}  {'private ip':<15}  zone")
-    for r in rows:
-        click.echo(f"{r['rank']:>4}  {r['role']:<6}  {r['instance_id']:<19}  {r['type']:<10}  "
-                   f"{r['state']:<13}  {r['public_ip']:<15}  {r['private_ip']:<15}  {r['zone']}")
+    rec = clusters.status(name, region)
+    if as_json:
+        echo_json(rec)
+    elif rec["provider"] != "ec2":
+        for n in rec["nodes"]:
+            click.echo(f"{n['rank']:>4}  {n['role']:<6}  {n['user']}@{n['address']}:{n['port']}  "
+                       f"{n['private_address']}")
+    else:
+        click.echo(f"{'rank':>4}  {'role':<6}  {'instance':<19}  {'type':<10}  {'state':<13}  "
+                   f"{'public ip':<15}  {'private ip':<15}  zone")
+        for n in rec["nodes"]:
+            click.echo(f"{n['rank']:>4}  {n['role']:<6}  {n['instance_id']:<19}  "
+                       f"{n['type']:<10}  {n['state']:<13}  {n['address'] or '-':<15}  "
+                       f"{n['private_address'] or '-':<15}  {n['zone'] or '-'}")
 
 
 @cluster.command("list")
 @region_option
 @click.option("--all-regions", is_flag=True, help="Look in every enabled region.")
-def cluster_list(region: str | None, all_regions: bool) -> None:
+@json_option
+def cluster_list(region: str | None, all_regions: bool, as_json: bool) -> None:
     """Every relufit cluster: the emulated (netns) and hosts clusters recorded here, then
     EC2 clusters with running instances (age, size, estimated cost so far)."""
     from orchestrator import pricing
-    from orchestrator.cluster import local_clusters
-    from orchestrator.providers import ec2
+    from orchestrator.providers import clusters
 
-    mine = [c for c in local_clusters() if c.provider != "ec2"]
-    for c in mine:
-        link = f"  link {c.extra['bandwidth']}" if c.extra.get("bandwidth") else ""
-        click.echo(f"{c.name:<20}  {c.provider:<14}  {len(c.nodes):>9} nodes  "
-                   f"master {c.master.address}{link}")
-    try:
-        found = ec2.list_clusters(region, all_regions, echo_progress)
-    except ConfigError as e:
-        if not mine or e.key != "--region":
-            raise
-        echo_progress(f"(EC2 not searched: {e.why})")
+    found = clusters.listing(region, all_regions, echo_progress)
+    if as_json:
+        echo_json({"clusters": found})
         return
-    if not found:
+    mine = [c for c in found if c["provider"] != "ec2"]
+    for c in mine:
+        link = f"  link {c['link']}" if c["link"] else ""
+        click.echo(f"{c['name']:<20}  {c['provider']:<14}  {c['nodes']:>9} nodes  "
+                   f"master {c['master']}{link}")
+    on_ec2 = [c for c in found if c["provider"] == "ec2"]
+    if not on_ec2:
         echo_progress("No EC2 relufit clusters found." if mine else "No relufit clusters found.")
         return
     click.echo(f"{'name':<20}  {'region':<14}  {'instances':>9}  {'age':>7}  {'cost so far':>11}  "
                "types")
-    for s in found:
-        cost = "?" if s.cost_so_far is None else f"${s.cost_so_far:.2f}"
-        click.echo(f"{s.name:<20}  {s.region:<14}  {s.instances:>9}  {s.age_h:>6.1f}h  "
-                   f"{cost:>11}  {','.join(s.types)}")
+    for c in on_ec2:
+        cost = "?" if c["cost_so_far_usd"] is None else f"${c['cost_so_far_usd']:.2f}"
+        click.echo(f"{c['name']:<20}  {c['region']:<14}  {c['nodes']:>9}  "
+                   f"{c['age_hours']:>6.1f}h  {cost:>11}  {','.join(c['instance_types'])}")
     echo_progress(f"(cost: on-demand list prices of {pricing.PRICES_REGION} as of "
                   f"{pricing.PRICES_AS_OF}, instances only)")
 
@@ -337,38 +332,16 @@ def cluster_gc(region: str | None, yes: bool) -> None:
 # ------------------------------------------------------- deploy / fetch / logs / stop / ami
 
 
-def _hosts_up(flags: dict, hosts_file: str | None, bandwidth: str | None) -> None:
-    """`cluster up --provider hosts`: machines listed in a hosts file."""
-    from orchestrator.providers import hosts
-
-    others = [k for k, v in flags.items() if v is not None and k != "name"]
-    if others or bandwidth:
-        flag = "--" + others[0].replace("_", "-") if others else "--bandwidth"
-        raise ConfigError(flag, "not with --provider hosts: the hosts file lists the machines")
-    if not hosts_file:
-        raise ConfigError("--hosts-file", "--provider hosts needs --hosts-file hosts.toml")
-    if not flags["name"]:
-        raise ConfigError("--name", "a hosts cluster needs a name")
-    click.echo(hosts.up(flags["name"], hosts_file, echo_progress).name)
-
-
 def _find_cluster(name: str):
     """The cluster NAME, with current addresses (EC2: from its tags)."""
-    from orchestrator.cluster import check_name, load_cluster, read_cluster
+    from orchestrator.providers.clusters import find
 
-    c = read_cluster(check_name(name, "CLUSTER"))
-    if c is not None and c.provider == "ec2":
-        from orchestrator.providers import ec2
-
-        c = ec2.find_cluster(name, c.region) or c
-    return c or load_cluster(name)
+    return find(name)
 
 
 @cli.command()
 @click.argument("cluster_name", metavar="CLUSTER")
-@click.option("--from-index", is_flag=True,
-              help="Nodes install the dependencies from their package index, instead of the "
-                   "wheels shipped from here.")
+@from_index_option
 def deploy(cluster_name: str, from_index: bool) -> None:
     """Install this exact relufit (and its dependencies) on every node of CLUSTER."""
     from orchestrator import deploy as dep
@@ -382,8 +355,7 @@ def deploy(cluster_name: str, from_index: bool) -> None:
 @cli.command()
 @click.argument("cluster_name", metavar="CLUSTER")
 @click.argument("run_id")
-@click.option("--out", default="results", show_default=True, type=click.Path(file_okay=False),
-              help="Where run directories are written.")
+@out_option
 def fetch(cluster_name: str, run_id: str, out: str) -> None:
     """Copy run RUN_ID from CLUSTER to OUT/RUN_ID/ (node logs under nodes/)."""
     from orchestrator import remote
@@ -439,6 +411,36 @@ def ami_build(region: str | None, instance_type: str, base_ami: str | None,
                           base_ami=base_ami, version=__version__,
                           ssh_cidr=check_ssh_cidr(ssh_cidr) if ssh_cidr else None)
     click.echo(image)
+
+
+# ---------------------------------------------------------------- launch
+
+
+@cli.command()
+@click.argument("experiment_file", type=click.Path(dir_okay=False))
+@overrides_option
+@out_option
+@click.option("--cluster", "reuse", default=None, metavar="NAME",
+              help="Reuse cluster NAME, which is up (it is never taken down by launch).")
+@cluster_options
+@click.option("--keep", is_flag=True, help="Keep the cluster launch made (default: down).")
+@from_index_option
+@yes_option
+@json_option
+def launch(experiment_file: str, overrides: tuple[str, ...], out: str, reuse: str | None,
+           keep: bool, from_index: bool, yes: bool, as_json: bool, **cluster_flags) -> None:
+    """Up, deploy, run, fetch, report, down: EXPERIMENT_FILE on a new cluster (the flags of
+    `cluster up`; name and workers default to launch-<hex> and the experiment's workers) or
+    on --cluster NAME. Prints the run directory and the report."""
+    from orchestrator.launch import launch as launch_all
+
+    res = launch_all(experiment_file, list(overrides), reuse=reuse, up_args=cluster_flags,
+                     out=out, keep=keep, from_index=from_index, confirm=_confirm(yes))
+    if as_json:
+        echo_json(res.to_json())
+    else:
+        click.echo(str(res.run_dir))
+        click.echo(str(res.report))
 
 
 def main() -> None:

@@ -135,9 +135,11 @@ def _fatal(target: SSHTarget, e: Exception) -> SSHError | None:
     return SSHError(target.name, f"{type(e).__name__}: {e}")
 
 
-def connect(target: SSHTarget, timeout: float = CONNECT_TIMEOUT_S,
+def connect(target: SSHTarget, timeout: float | None = None,
             attempt_timeout: float = ATTEMPT_TIMEOUT_S) -> paramiko.SSHClient:
-    """An authenticated client, after retries with backoff for at most ``timeout`` seconds."""
+    """An authenticated client, after retries with backoff for at most ``timeout`` seconds
+    (default ``CONNECT_TIMEOUT_S``, read at call time so that tests can shorten it)."""
+    timeout = CONNECT_TIMEOUT_S if timeout is None else timeout
     pkey = load_key(target)
     known = Path(target.known_hosts)
     known.parent.mkdir(parents=True, exist_ok=True)
@@ -172,7 +174,7 @@ def connect(target: SSHTarget, timeout: float = CONNECT_TIMEOUT_S,
 class Session:
     """One SSH connection to one node. Use as a context manager."""
 
-    def __init__(self, target: SSHTarget, timeout: float = CONNECT_TIMEOUT_S):
+    def __init__(self, target: SSHTarget, timeout: float | None = None):
         self.target = target
         self.client = connect(target, timeout)
         self._sftp: paramiko.SFTPClient | None = None
@@ -306,7 +308,8 @@ def on_all(targets: Iterable[SSHTarget], fn: Callable[[SSHTarget], T],
     targets = list(targets)
     if not targets:
         return []
-    with ThreadPoolExecutor(max_workers=min(max_workers, len(targets))) as pool:
+    pool = ThreadPoolExecutor(max_workers=min(max_workers, len(targets)))
+    try:
         futures = [pool.submit(fn, t) for t in targets]
         errors, results = [], []
         for t, fut in zip(targets, futures, strict=True):
@@ -316,6 +319,12 @@ def on_all(targets: Iterable[SSHTarget], fn: Callable[[SSHTarget], T],
                 errors.append(e)
             except (OSError, EOFError, paramiko.SSHException) as e:
                 errors.append(SSHError(t.name, f"{type(e).__name__}: {e}"))
+    except BaseException:
+        # Ctrl-C: do not sit out the nodes' work (an install takes minutes) before the
+        # caller's cleanup; what still runs ends when the cleanup drops its connections.
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     if errors:
         for e in errors[1:]:
             progress(f"  {e}")

@@ -206,6 +206,8 @@ class ZmqPool:
         mean chunk it owns. A member lost before the round ends cuts it short (``retry``)."""
         spec, t0 = self.spec, time.perf_counter()
         members = self._members()
+        if not members:  # run_trial fails the trial: no worker left
+            return Exchange([], 0, 0, 0.0, self._new_losses())
         ranks = [m.rank for m in members]
         fields: dict[str, Any] = {}
         payloads: list[Any] = []

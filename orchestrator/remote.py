@@ -319,15 +319,23 @@ class RemoteRun:
         (dest / "nodes" / "placement.json").write_text(json.dumps(where, indent=1) + "\n")
 
 
-def run_on_cluster(exp: Experiment, cluster: Cluster, out: str | Path = "results",
-                   progress: Progress = print, port: int = MASTER_PORT) -> Path:
-    """Run ``exp`` on ``cluster`` and bring the results home; the local run directory.
-    Ctrl-C stops the remote processes, fetches what was written, and re-raises."""
-    workers = max(t.spec.workers for t in exp.trials())
-    port = int(cluster.extra.get("master_port", port))  # a hosts file may choose it
-    run_id = new_run_id(exp.name)
+def free_run_id(name: str, out: str | Path) -> str:
+    """A new run id for experiment ``name`` whose directory under ``out`` does not exist."""
+    run_id = new_run_id(name)
     while (Path(out) / run_id).exists():
         run_id += "-2"
+    return run_id
+
+
+def run_on_cluster(exp: Experiment, cluster: Cluster, out: str | Path = "results",
+                   progress: Progress = print, port: int = MASTER_PORT,
+                   run_id: str | None = None) -> Path:
+    """Run ``exp`` on ``cluster`` and bring the results home to ``out/<run_id>`` (default: a
+    fresh id); the local run directory. Ctrl-C stops the remote processes, fetches what was
+    written, and re-raises."""
+    workers = max(t.spec.workers for t in exp.trials())
+    port = int(cluster.extra.get("master_port", port))  # a hosts file may choose it
+    run_id = run_id or free_run_id(exp.name, out)
     rr = RemoteRun(cluster, run_id, workers, port)
     progress(f"run {run_id} on cluster {cluster.name}: master on {rr.master.name}, "
              f"{workers} agent(s) on {len(rr.agent_nodes())} node(s)")

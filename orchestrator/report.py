@@ -325,14 +325,23 @@ def scaling_table(stats: list[TrialStats], axis: str) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- figures
 
 
-def _figure(ncols: int = 1) -> tuple[Any, list[Any]]:
+def check_figures() -> None:
+    """A clear RelufitError now, rather than after a run, if figures cannot be drawn here."""
+    _figure_class()
+
+
+def _figure_class() -> Any:
     try:
         from matplotlib.figure import Figure
     except ImportError:
         raise RelufitError(
             "relufit report needs matplotlib: pip install 'relufit[report]'"
         ) from None
-    fig = Figure(figsize=(6.4 * ncols, 4.2), layout="constrained")
+    return Figure
+
+
+def _figure(ncols: int = 1) -> tuple[Any, list[Any]]:
+    fig = _figure_class()(figsize=(6.4 * ncols, 4.2), layout="constrained")
     return fig, [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
 
 

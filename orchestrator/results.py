@@ -121,10 +121,9 @@ def read_metrics(path: str | Path) -> dict[str, np.ndarray]:
     return out
 
 
-def load_run(path: str | Path) -> dict[str, Any]:
-    """A run directory as ``{"path", "metrics": {column: array}, "summary": dict,
-    "experiment": str, "trials": [per-trial dict]}`` (see ``split_trials``); a clear
-    RelufitError when it is missing or corrupt."""
+def read_summary(path: str | Path) -> dict[str, Any]:
+    """summary.json of run directory ``path``, checked; a clear RelufitError when it is
+    missing or corrupt."""
     path = Path(path)
     if not path.is_dir():
         raise RelufitError(f"{path}: no such run directory")
@@ -135,6 +134,21 @@ def load_run(path: str | Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RelufitError(f"{path}/summary.json is corrupt: {e}") from None
     _check_summary(path, summary)
+    return summary
+
+
+def run_record(path: str | Path) -> dict[str, Any]:
+    """What ``relufit run --json`` prints: ``run_dir`` (the local run directory), then every
+    key of its summary.json (run_id, experiment, backend, trials_planned, status, trials)."""
+    return {"run_dir": str(path), **read_summary(path)}
+
+
+def load_run(path: str | Path) -> dict[str, Any]:
+    """A run directory as ``{"path", "metrics": {column: array}, "summary": dict,
+    "experiment": str, "trials": [per-trial dict]}`` (see ``split_trials``); a clear
+    RelufitError when it is missing or corrupt."""
+    path = Path(path)
+    summary = read_summary(path)
     exp = path / "experiment.toml"
     experiment = exp.read_text() if exp.exists() else ""
     metrics = read_metrics(path / "metrics.csv")

@@ -6,9 +6,11 @@ Backends differ only in the pool they hand in (see ``orchestrator.providers``).
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from orchestrator.config import Experiment, Trial
 from orchestrator.errors import INTERRUPT_REQUESTED
@@ -47,6 +49,31 @@ class _RoundPrinter:
                 f"  {self.label} round {row.round + 1}/{self.total}  rel_error {row.rel_error:.3e}"
                 f"  sent {self.mb:.2f} MB  workers {row.workers}"
             )
+
+
+# The progress lines a display can follow (on a cluster it sees the master's log as text):
+# "trial k/K: <describe>" as a trial starts, _RoundPrinter's round line, and _record's
+# "trial k/K: <status> after N rounds, rel_error X". Keep these in step with them.
+_ROUND_RE = re.compile(r"^\s*trial (\d+)/(\d+) round (\d+)/(\d+)\s+rel_error (\S+)")
+_DONE_RE = re.compile(r"^trial (\d+)/(\d+): \w+ after (\d+) rounds, rel_error ([^,\s]+)")
+_START_RE = re.compile(r"^trial (\d+)/(\d+): ")
+
+
+def parse_progress(line: str) -> dict[str, Any] | None:
+    """What a progress line of ``run_experiment`` says of the run: ``trial`` and ``trials``,
+    and where known ``round`` (rounds done), ``rounds`` (planned) and ``rel_error``; None
+    for any other line."""
+    if m := _ROUND_RE.match(line):
+        k, total, r, rounds = (int(g) for g in m.groups()[:4])
+        return {"trial": k, "trials": total, "round": r, "rounds": rounds,
+                "rel_error": float(m.group(5))}
+    if m := _DONE_RE.match(line):
+        return {"trial": int(m.group(1)), "trials": int(m.group(2)), "round": int(m.group(3)),
+                "rel_error": float(m.group(4))}
+    if m := _START_RE.match(line):
+        return {"trial": int(m.group(1)), "trials": int(m.group(2)), "round": 0,
+                "rounds": None, "rel_error": None}
+    return None
 
 
 def run_experiment(

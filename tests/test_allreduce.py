@@ -353,3 +353,13 @@ def test_bad_peer_bind_is_a_clear_error(bind):
 def test_peers_listen_on_loopback_for_a_loopback_master_and_in_relufits_ports_otherwise():
     assert peers.default_bind("tcp://127.0.0.1:40000") == "tcp://127.0.0.1:*"
     assert peers.default_bind("tcp://10.1.2.3:5555") == "tcp://0.0.0.0:5556-5655"
+
+
+def test_every_worker_lost_fails_the_trial_instead_of_planning_over_no_one(tmp_path):
+    exp = experiment(cluster={"workers": 2, "topology": "allreduce"})
+    with open_pool("local", exp) as pool:
+        for w in pool.by_rank.values():
+            os.kill(w.pid, signal.SIGKILL)
+        path = run_experiment(exp, pool, tmp_path, "local", **QUIET)
+    [trial] = load_run(path)["summary"]["trials"]
+    assert trial["status"] == "failed" and "no worker left" in trial["reason"]

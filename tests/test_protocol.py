@@ -42,11 +42,12 @@ def test_every_message_type_round_trips():
 def test_padded_headers_have_a_fixed_size_and_still_parse():
     a = p.build(p.GRADIENT, [b"x"], pad=p.GRADIENT_HEADER, trial=0, round=1, compute_s=0.0,
                 encode_s=0.0, apply_s=0.0, bytes_peer=0)
-    b = p.build(p.GRADIENT, [b"x"], pad=p.GRADIENT_HEADER, trial=123456, round=98765432,
-                compute_s=1.2345678901234567, encode_s=9.87654321e-05, apply_s=3.3e-7,
-                bytes_peer=123_456_789_012)
+    b = p.build(p.GRADIENT, [b"x"], pad=p.GRADIENT_HEADER, trial=999, round=999999,
+                compute_s=p.seconds(99.99999912345), encode_s=p.seconds(98.7654321987),
+                apply_s=p.seconds(97.5555555555), bytes_peer=99_999_999_999)
     assert len(a[0]) == len(b[0]) == p.GRADIENT_HEADER
-    assert roundtrip(b).header["round"] == 98765432
+    assert roundtrip(b).header["round"] == 999999
+    assert roundtrip(b).header["compute_s"] == 99.999999
     assert roundtrip(b).header_bytes == p.GRADIENT_HEADER
     c = p.build(p.PART, [b"x"], pad=p.PEER_HEADER, trial=0, round=0, epoch=0, rank=0)
     d = p.build(p.MEAN, [b"x"], pad=p.PEER_HEADER, trial=123456, round=98765432, epoch=99,

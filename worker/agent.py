@@ -363,7 +363,8 @@ class Agent:
         self.last_sent_round = round_
         self._send(protocol.build(
             protocol.GRADIENT, [res.payload], pad=protocol.GRADIENT_HEADER, trial=trial,
-            round=round_, compute_s=res.compute_s, encode_s=res.encode_s, apply_s=apply_s,
+            round=round_, compute_s=protocol.seconds(res.compute_s),
+            encode_s=protocol.seconds(res.encode_s), apply_s=protocol.seconds(apply_s),
             bytes_peer=0,
         ))
 
@@ -486,8 +487,10 @@ class Agent:
         """Our GRADIENT to the master: our mean chunk and the round's figures."""
         ar = self.ar
         ar.phase = "means"
+        timing = {k: protocol.seconds(ar.stats[k]) for k in ("compute_s", "encode_s", "apply_s")}
         self._send(protocol.build(protocol.GRADIENT, [mean], pad=protocol.GRADIENT_HEADER,
-                                  trial=self.spec.trial, round=ar.round, **ar.stats))
+                                  trial=self.spec.trial, round=ar.round,
+                                  bytes_peer=ar.stats["bytes_peer"], **timing))
 
     def _heartbeat(self, now: float) -> None:
         try:
