@@ -74,7 +74,10 @@ class Installed:
 
 def local_platform() -> deploy.NodePlatform:
     """This machine's python, as deploy would probe a node's."""
-    libc, version = platform.libc_ver()
+    try:  # the glibc running here ("glibc 2.36"), not the oldest the interpreter links to
+        libc, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+    except (ValueError, OSError, AttributeError):
+        libc, version = "", ""
     return deploy.NodePlatform(f"{sys.version_info[0]}.{sys.version_info[1]}",
                                platform.python_version(), platform.machine(),
                                version if libc == "glibc" else "")
