@@ -135,3 +135,13 @@ def test_an_incomplete_install_is_a_clear_error(source_wheel, tmp_path):
     (tmp_path / "site" / "worker" / "qsgd.py").unlink()
     with pytest.raises(distribution.RunError, match=r"incomplete: .*qsgd.py is missing"):
         distribution.shipped_files(dist)
+
+
+def test_metadata_of_other_files_than_the_running_code_is_refused(source_wheel, tmp_path,
+                                                                monkeypatch):
+    """The first relufit metadata on sys.path may belong to other files than the code that
+    runs (here: the checkout runs, an install elsewhere is found): never ship those."""
+    elsewhere = pip_install(source_wheel, tmp_path / "site")
+    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: elsewhere)
+    with pytest.raises(distribution.RunError, match="not that of the code running here"):
+        distribution.installed_distribution()
