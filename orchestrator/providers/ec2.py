@@ -10,7 +10,8 @@ A cluster ``NAME`` in a region is, in the account:
 - instances rank 0 (master) .. N (workers), all in one availability zone, IMDSv2 only,
   an encrypted gp3 root volume deleted with the instance, ``InstanceInitiatedShutdownBehavior
   =terminate`` and user-data whose first act is ``shutdown -h +<max-hours>`` (so a forgotten
-  cluster terminates itself), then ``ami/bootstrap.sh``.
+  cluster terminates itself), then the node bootstrap script (package data,
+  ``orchestrator/data/bootstrap.sh``).
 
 Every resource carries ``relufit:cluster=NAME`` and ``relufit:role`` (``master``/``worker``;
 ``shared`` on the key pair and group), instances and their volumes also ``relufit:rank``,
@@ -39,7 +40,6 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import boto3
@@ -69,6 +69,7 @@ from orchestrator.cluster import (
     remove_cluster_state,
     save_cluster,
 )
+from orchestrator.distribution import bootstrap_script
 from orchestrator.errors import CloudError, ConfigError, RelufitError
 
 Progress = Callable[[str], None]
@@ -455,16 +456,6 @@ def make_plan(ec2: Any, spec: ClusterSpec, region: str) -> Plan:
 
 
 # ---------------------------------------------------------------- user-data and launch args
-
-
-def bootstrap_script() -> str:
-    """The text of ami/bootstrap.sh (from the source tree relufit runs from)."""
-    path = Path(__file__).resolve().parents[2] / "ami" / "bootstrap.sh"
-    try:
-        return path.read_text()
-    except OSError:
-        raise RelufitError(f"{path} is missing: run relufit from its source tree "
-                           "(pip install -e .)") from None
 
 
 def user_data(spec: ClusterSpec, rank: int, bootstrap: str) -> str:
