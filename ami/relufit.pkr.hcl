@@ -1,4 +1,6 @@
 # relufit worker AMI with Packer: Ubuntu LTS + python3-venv + the relufit venv (bootstrap.sh).
+# The bootstrap script is relufit's package data, orchestrator/data/bootstrap.sh (the one copy
+# EC2 user-data and `relufit deploy` use too); run this template from a checkout.
 #
 #   packer init ami/relufit.pkr.hcl
 #   packer build -var region=us-east-1 ami/relufit.pkr.hcl
@@ -49,7 +51,8 @@ variable "version" {
 }
 
 locals {
-  stamp = formatdate("YYYYMMDD-hhmmss", timestamp())
+  stamp     = formatdate("YYYYMMDD-hhmmss", timestamp())
+  bootstrap = "${path.root}/../orchestrator/data/bootstrap.sh"
 }
 
 source "amazon-ebs" "relufit" {
@@ -100,7 +103,7 @@ build {
   sources = ["source.amazon-ebs.relufit"]
 
   provisioner "file" {
-    source      = "${path.root}/bootstrap.sh"
+    source      = local.bootstrap
     destination = "/tmp/relufit-bootstrap.sh"
   }
 
@@ -113,7 +116,7 @@ build {
   }
 
   provisioner "file" {
-    source      = var.wheel == "" ? "${path.root}/bootstrap.sh" : var.wheel
+    source      = var.wheel == "" ? local.bootstrap : var.wheel
     destination = var.wheel == "" ? "/tmp/relufit-unused" : "/tmp/${basename(var.wheel)}"
   }
 

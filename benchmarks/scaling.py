@@ -4,7 +4,7 @@ Run (Linux, root; needs openmpi-bin and mpi4py for the MPI rows):
     python benchmarks/scaling.py [--links 10mbit,100mbit] [--workers 2,4,8]
         [--topologies broadcast,allreduce] [--settings fp32,s15b128fixed] [--d 10000]
         [--n 100000] [--batch 128] [--lr 0.045] [--rounds 60] [--big-d 1000000]
-        [--big-link 100mbit] [--json OUT] [--from-json IN]
+        [--big-link 100mbit] [--json OUT] [--sims FILE] [--from-json IN]
 
 Per link rate it brings up ONE netns cluster with the largest worker count (name prefix
 ``scb<pid>-``), deploys once, and for each M runs, on the first M workers' hosts: every
@@ -55,7 +55,8 @@ WARMUP = 3
 
 
 def sim_rounds(exp_file: Path, m: int, topologies: list[str], settings: list[str], out: Path,
-               rounds: int, target: float) -> dict[tuple[str, str], dict]:
+               rounds: int, target: float, budget: int | None = None
+               ) -> dict[tuple[str, str], dict]:
     """Rounds to ``target`` and the first ``rounds`` rel_errors, per (topology, setting), from
     ``--backend sim``. float32 is computed once: broadcast and allreduce float32 are equal."""
     res = {}
@@ -66,7 +67,8 @@ def sim_rounds(exp_file: Path, m: int, topologies: list[str], settings: list[str
         stdout = relufit("run", str(exp_file), "--backend", "sim", "--out", str(out),
                          "--set", f"cluster.workers={m}", "--set", f"cluster.topology={topo}",
                          "--set", f"sweep.compress={sweep_toml(names)}",
-                         "--set", f"train.target_rel_error={target}")
+                         "--set", f"train.target_rel_error={target}",
+                         *(["--set", f"train.rounds={budget}"] if budget else []))
         for t in load_run(stdout.strip().splitlines()[-1])["trials"]:
             name = setting_name(t["params"])
             reached = t.get("reached_target")
@@ -76,6 +78,32 @@ def sim_rounds(exp_file: Path, m: int, topologies: list[str], settings: list[str
     if ("broadcast", "fp32") in res:
         res[("allreduce", "fp32")] = res[("broadcast", "fp32")]
     return res
+
+
+def save_sims(path: Path, sims: dict) -> None:
+    path.write_text(json.dumps({str(m): [{"topology": t, "setting": s, **v}
+                                         for (t, s), v in res.items()]
+                                for m, res in sims.items()}, indent=1))
+
+
+def load_sims(path: Path) -> dict:
+    """``--sims`` FILE: {M: [{topology, setting, rounds, reached, head?}]} (what save_sims
+    writes; a hand-made one may leave ``head`` out)."""
+    raw = json.loads(path.read_text())
+    return {int(m): {(e["topology"], e["setting"]): e for e in entries}
+            for m, entries in raw.items()}
+
+
+def with_heads(saved: dict, exp_file: Path, m: int, out: Path,
+               args: argparse.Namespace) -> dict:
+    """Saved rounds to the target, with the first ``--rounds`` rel_errors from a short sim
+    (what the cluster's rows are checked against) where they are missing."""
+    if all("head" in v for v in saved.values()):
+        return saved
+    topologies = sorted({t for t, _ in saved})
+    settings = sorted({s for _, s in saved}, key=lambda s: s != "fp32")
+    short = sim_rounds(exp_file, m, topologies, settings, out, args.rounds, 0, args.rounds)
+    return {k: {**v, "head": short[k]["head"]} for k, v in saved.items() if k in short}
 
 
 def link_bytes(m: dict, workers: int) -> dict:
@@ -248,6 +276,8 @@ def main() -> None:
     p.add_argument("--mpi", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--json", type=Path)
+    p.add_argument("--sims", type=Path, help="rounds to the target per M: read when it "
+                   "exists (only the first rounds are simulated again), written otherwise")
     p.add_argument("--from-json", type=Path, help="run nothing: report saved rows")
     args = p.parse_args()
     if args.from_json:
@@ -261,12 +291,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_:
         tmp = Path(tmp_)
         sims, floors = {}, {}
+        saved = load_sims(args.sims) if args.sims and args.sims.exists() else {}
         for m in ms:  # before any cluster: sim and the floor have the CPUs to themselves
             exp_file = tmp / "sim.toml"
             exp_file.write_text(experiment(args.d, args.n, args.batch, lr_at(args, m),
                                            args.max_rounds, args.target, m))
-            sims[m] = sim_rounds(exp_file, m, topologies, settings, tmp / "sim", args.rounds,
-                                 args.target)
+            if m in saved:  # rounds to the target from an earlier run; the first rounds anew
+                sims[m] = with_heads(saved[m], exp_file, m, tmp / "sim", args)
+            else:
+                sims[m] = sim_rounds(exp_file, m, topologies, settings, tmp / "sim",
+                                     args.rounds, args.target)
+            if args.sims:
+                save_sims(args.sims, {**saved, **sims})
             print(f"sim M={m}: " + ", ".join(f"{t} {s}: {v['rounds']}"
                                              + ("" if v["reached"] else " (not reached)")
                                              for (t, s), v in sims[m].items()), flush=True)

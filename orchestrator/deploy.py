@@ -6,9 +6,10 @@
   into the cluster's own known_hosts file and checked on every later contact.
 - ``Session``: run a command, upload a file or bytes (with a mode), fetch a directory tree.
 - ``on_all``: the same function on every node, in a bounded thread pool.
-- ``deploy``: build a wheel from the exact local source, gather wheels of every runtime
-  dependency for the node's own Python and platform (a node needs no package index),
-  upload them over SFTP, run ``ami/bootstrap.sh`` and check ``relufit --version``.
+- ``deploy``: a wheel of exactly the relufit running here (``distribution.relufit_wheel``:
+  from the source tree or the installed files), wheels of every runtime dependency for the
+  node's own Python and platform (a node needs no package index), uploaded over SFTP; then
+  the bootstrap script (package data) installs them, and ``relufit --version`` is checked.
 
 Every failure is an ``SSHError`` printed as ``[host] message``.
 """
@@ -16,19 +17,14 @@ Every failure is an ``SSHError`` printed as ``[host] message``.
 from __future__ import annotations
 
 import base64
-import email.parser
 import hashlib
 import json
-import os
 import shlex
-import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-import zipfile
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,7 +33,8 @@ from typing import TypeVar
 
 import paramiko
 
-from orchestrator.cluster import Cluster, relufit_home
+from orchestrator.cluster import Cluster
+from orchestrator.distribution import bootstrap_path, cache_dir, relufit_wheel, wheel_requirements
 from orchestrator.errors import RunError, SSHError
 from worker.watchdog import TOUCH_COMMAND
 
@@ -336,79 +333,6 @@ def on_all(targets: Iterable[SSHTarget], fn: Callable[[SSHTarget], T],
     return results
 
 
-# ------------------------------------------------------------------------------ the wheel
-
-def cache_dir() -> Path:
-    """Built wheels and wheelhouses: $RELUFIT_CACHE, default $RELUFIT_HOME (~/.relufit)."""
-    return Path(os.environ.get("RELUFIT_CACHE") or relufit_home()).expanduser()
-
-
-def source_tree() -> Path:
-    """The source tree this orchestrator runs from (deploy ships exactly this code)."""
-    import orchestrator
-
-    root = Path(orchestrator.__file__).resolve().parents[1]
-    pyproject = root / "pyproject.toml"
-    if not pyproject.exists() or 'name = "relufit"' not in pyproject.read_text():
-        raise RunError(f"deploy needs relufit's source tree, not found above {root}; "
-                       "install relufit with `pip install -e .` from a checkout")
-    return root
-
-
-def _source_files(root: Path) -> list[Path]:
-    files = [root / "pyproject.toml", root / "README.md"]
-    for pkg in ("orchestrator", "worker"):
-        files += sorted(p for p in (root / pkg).rglob("*")
-                        if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc")
-    return [f for f in files if f.exists()]
-
-
-def source_hash(root: Path) -> str:
-    h = hashlib.sha256()
-    for f in _source_files(root):
-        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
-    return h.hexdigest()
-
-
-def build_wheel(root: Path | None = None) -> Path:
-    """A wheel of the exact local source, cached by the content hash of that source.
-
-    Built from a copy of the hashed files, so the wheel holds exactly what was hashed and
-    the checkout gets no build/ or egg-info litter."""
-    root = root or source_tree()
-    digest = source_hash(root)
-    cache = cache_dir() / "wheels" / digest[:16]
-    found = sorted(cache.glob("relufit-*.whl"))
-    if found:
-        return found[0]
-    with tempfile.TemporaryDirectory(prefix="relufit-build-") as tmp:
-        src = Path(tmp) / "src"
-        for f in _source_files(root):
-            dst = src / f.relative_to(root)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(f, dst)
-        out = Path(tmp) / "out"
-        proc = subprocess.run(
-            [sys.executable, "-m", "pip", "wheel", "--no-deps",
-             "--disable-pip-version-check", "-q", "-w", str(out), str(src)],
-            capture_output=True, text=True)
-        wheels = sorted(out.glob("relufit-*.whl"))
-        if proc.returncode != 0 or not wheels:
-            raise RunError(f"building the relufit wheel failed: {proc.stderr.strip()[-500:]}")
-        cache.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(wheels[0], cache / f".{wheels[0].name}.tmp")
-        os.replace(cache / f".{wheels[0].name}.tmp", cache / wheels[0].name)  # never half a wheel
-    return cache / wheels[0].name
-
-
-def wheel_requirements(wheel: Path) -> list[str]:
-    """Requires-Dist of a wheel, without the extras' requirements."""
-    with zipfile.ZipFile(wheel) as z:
-        name = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
-        meta = email.parser.Parser().parsestr(z.read(name).decode())
-    return [r for r in meta.get_all("Requires-Dist") or [] if "extra ==" not in r]
-
-
 # ------------------------------------------------------------------------------ wheelhouse
 
 @dataclass(frozen=True)
@@ -504,13 +428,6 @@ def dir_size(path: Path) -> int:
 
 # ------------------------------------------------------------------------------ deploy
 
-def bootstrap_script() -> Path:
-    path = source_tree() / "ami" / "bootstrap.sh"
-    if not path.exists():
-        raise RunError(f"{path} is missing from the source tree")
-    return path
-
-
 @dataclass(frozen=True)
 class NodeReport:
     """What deploy did on one node."""
@@ -543,7 +460,7 @@ def install_node(target: SSHTarget, wheel: Path, requirements: list[str],
     with Session(target) as s:
         s.mkdir(REMOTE_HOME_DIR)
         s.run(TOUCH_COMMAND)  # a deploy is activity: autostop's idle clock starts again
-        s.put(bootstrap_script(), REMOTE_BOOTSTRAP, 0o755)
+        s.put(bootstrap_path(), REMOTE_BOOTSTRAP, 0o755)
         plat = probe_platform(s)
         progress(f"[{target.name}] python {plat.full_version} {plat.machine} ({plat.tag})")
         sent = 0
@@ -573,9 +490,9 @@ def install_node(target: SSHTarget, wheel: Path, requirements: list[str],
 def deploy(targets: list[SSHTarget], from_index: bool = False,
            progress: Progress = lambda line: None) -> list[NodeReport]:
     """Install this exact relufit on every node, in parallel; one report per node."""
-    wheel = build_wheel()
-    progress(f"wheel {wheel.name} ({wheel.stat().st_size / 1e3:.0f} kB, "
-             f"source {wheel.parent.name})")
+    shipped = relufit_wheel()
+    wheel = shipped.path
+    progress(f"wheel {wheel.name} ({wheel.stat().st_size / 1e3:.0f} kB, {shipped.origin})")
     reqs = wheel_requirements(wheel)
     lock = threading.Lock()
 

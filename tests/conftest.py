@@ -26,21 +26,36 @@ Fixtures (all clean up every process, namespace and file they made):
 
 Both need root, ip, tc, unshare and sshd. Outside CI they skip when something is missing;
 with CI=true they fail instead.
+
+``moto_server`` -> str
+    moto_server on 127.0.0.1:<free port> (its URL), killed by PID at the end.
+
+``aws_env`` -> dict
+    The environment of a user with fake credentials whose AWS_ENDPOINT_URL is
+    ``moto_server``, in ``MOTO_REGION``, with RELUFIT_HOME under the test's tmp_path. With
+    ``moto_client(env)`` (a boto3 EC2 client of it) and ``relufit_image(client)`` (a
+    relufit:ami image there: moto has no Ubuntu 22.04+ for `cluster up` to find).
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import signal
 import socket
 import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
+import boto3
 import pytest
 
 from orchestrator.errors import RunError
-from orchestrator.providers import netns
+from orchestrator.providers import ec2, netns
+
+MOTO_REGION = "us-east-1"
 
 
 def require_emulated_hosts() -> None:
@@ -210,3 +225,59 @@ def host_ssh(c: netns.NetnsCluster, rank: int, *cmd: str) -> subprocess.Complete
 def host_ssh_fixture():
     """``host_ssh(cluster, rank, *cmd) -> CompletedProcess``, as a fixture."""
     return host_ssh
+
+
+@pytest.fixture
+def moto_server(tmp_path):
+    """moto_server on a free port; killed by PID at the end. Yields its URL."""
+    port = free_port()
+    log = open(tmp_path / "moto.log", "wb")  # closed in finally
+    env = {**os.environ, "MOTO_EC2_LOAD_DEFAULT_AMIS": "false"}  # fast describe_images
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
+                             "-p", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"moto_server did not start: {(tmp_path / 'moto.log').read_text()}")
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture
+def aws_env(moto_server, tmp_path):
+    """Environment of a user with (fake) credentials whose endpoint is the moto server."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_ENDPOINT_URL=moto_server, AWS_ACCESS_KEY_ID="testing",
+               AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION=MOTO_REGION,
+               AWS_EC2_METADATA_DISABLED="true", RELUFIT_HOME=str(tmp_path / "home"),
+               RELUFIT_EC2_POLL_S="0.05")
+    return env
+
+
+def moto_client(env: dict):
+    """A boto3 EC2 client of the moto server in ``env`` (from ``aws_env``)."""
+    return boto3.client("ec2", region_name=MOTO_REGION, endpoint_url=env["AWS_ENDPOINT_URL"],
+                        aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
+def relufit_image(client) -> None:
+    """A relufit:ami image, as `relufit ami build` would leave (moto has no Ubuntu 22.04+)."""
+    builder = client.run_instances(ImageId="ami-12345678", MinCount=1, MaxCount=1,
+                                   InstanceType="t3.micro")["Instances"][0]["InstanceId"]
+    client.create_image(InstanceId=builder, Name="relufit-node", TagSpecifications=[
+        {"ResourceType": "image", "Tags": [{"Key": ec2.TAG_AMI, "Value": "1"}]}])
+    client.terminate_instances(InstanceIds=[builder])

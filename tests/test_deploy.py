@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import deploy
+from orchestrator import deploy, distribution
 from orchestrator.deploy import NodePlatform, Session, SSHTarget
 from orchestrator.errors import SSHError
 
@@ -117,19 +117,19 @@ def test_requirements_are_evaluated_for_the_node():
 def test_wheel_is_built_from_the_exact_source_and_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("RELUFIT_CACHE", str(tmp_path / "cache"))
     src = tmp_path / "src"  # a snapshot: the checkout may change while the suite runs
-    root = deploy.source_tree()
-    for f in deploy._source_files(root):
+    root = distribution.source_tree()
+    for f in distribution._source_files(root):
         (src / f.relative_to(root)).parent.mkdir(parents=True, exist_ok=True)
         (src / f.relative_to(root)).write_bytes(f.read_bytes())
-    wheel = deploy.build_wheel(src)
+    wheel = distribution.build_wheel(src)
     assert wheel.name.startswith("relufit-") and wheel.parent.parent == tmp_path / "cache/wheels"
-    assert deploy.build_wheel(src) == wheel  # same source: the cached wheel
+    assert distribution.build_wheel(src) == wheel  # same source: the cached wheel
     with zipfile.ZipFile(wheel) as z:  # the wheel holds exactly the hashed source
         assert z.read("worker/node.py") == (src / "worker" / "node.py").read_bytes()
-    before = deploy.source_hash(src)
+    before = distribution.source_hash(src)
     (src / "worker" / "__init__.py").write_text((src / "worker" / "__init__.py").read_text()
                                                 + "# changed\n")
-    assert deploy.source_hash(src) != before  # any change to the source: a new wheel
-    reqs = deploy.wheel_requirements(wheel)
+    assert distribution.source_hash(src) != before  # any change to the source: a new wheel
+    reqs = distribution.wheel_requirements(wheel)
     assert any(r.startswith("numpy") for r in reqs) and any(r.startswith("pyzmq") for r in reqs)
     assert not any("pytest" in r for r in reqs)  # extras are not runtime dependencies

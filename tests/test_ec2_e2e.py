@@ -6,74 +6,17 @@ as a user would point relufit at another endpoint: relufit itself knows nothing 
 
 from __future__ import annotations
 
-import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import boto3
-import pytest
+from conftest import MOTO_REGION, moto_client, relufit_image
 
 from orchestrator.providers import ec2
 
-REGION = "us-east-1"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def moto_server(tmp_path):
-    """moto_server on a free port; killed by PID at the end. Yields its URL."""
-    port = _free_port()
-    log = open(tmp_path / "moto.log", "wb")  # closed in finally
-    env = {**os.environ, "MOTO_EC2_LOAD_DEFAULT_AMIS": "false"}  # fast describe_images
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
-                             "-p", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"moto_server did not start: {(tmp_path / 'moto.log').read_text()}")
-                time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
-
-
-@pytest.fixture
-def aws_env(moto_server, tmp_path):
-    """Environment of a user with (fake) credentials whose endpoint is the moto server."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(AWS_ENDPOINT_URL=moto_server, AWS_ACCESS_KEY_ID="testing",
-               AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION=REGION,
-               AWS_EC2_METADATA_DISABLED="true", RELUFIT_HOME=str(tmp_path / "home"),
-               RELUFIT_EC2_POLL_S="0.05")
-    return env
-
-
-def _client(env: dict):
-    return boto3.client("ec2", region_name=REGION, endpoint_url=env["AWS_ENDPOINT_URL"],
-                        aws_access_key_id="testing", aws_secret_access_key="testing")
+REGION = MOTO_REGION
 
 
 def _relufit_exe() -> str:
@@ -84,13 +27,8 @@ def _relufit_exe() -> str:
 
 
 def test_up_list_status_down_leave_nothing(aws_env):
-    client = _client(aws_env)
-    # A relufit:ami image, as `relufit ami build` would leave (moto has no Ubuntu 22.04+).
-    builder = client.run_instances(ImageId="ami-12345678", MinCount=1, MaxCount=1,
-                                   InstanceType="t3.micro")["Instances"][0]["InstanceId"]
-    client.create_image(InstanceId=builder, Name="relufit-node", TagSpecifications=[
-        {"ResourceType": "image", "Tags": [{"Key": ec2.TAG_AMI, "Value": "1"}]}])
-    client.terminate_instances(InstanceIds=[builder])
+    client = moto_client(aws_env)
+    relufit_image(client)
 
     def relufit(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([_relufit_exe(), "cluster", *args], env=aws_env, text=True,

@@ -12,7 +12,7 @@ A cluster ``NAME`` in a region is, in the account:
   =terminate`` and user-data whose first act is ``shutdown -h +<max-hours>`` (so a forgotten
   cluster terminates itself), then the autostop watchdog (``--idle-minutes``: each node halts,
   so terminates, once no relufit run has been active on it that long; worker/watchdog.py),
-  then ``ami/bootstrap.sh``.
+  then the node bootstrap script (package data, ``orchestrator/data/bootstrap.sh``).
 
 Every resource carries ``relufit:cluster=NAME`` and ``relufit:role`` (``master``/``worker``;
 ``shared`` on the key pair and group), instances and their volumes also ``relufit:rank``,
@@ -43,7 +43,6 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import boto3
@@ -73,6 +72,7 @@ from orchestrator.cluster import (
     remove_cluster_state,
     save_cluster,
 )
+from orchestrator.distribution import bootstrap_script
 from orchestrator.errors import CloudError, ConfigError, RelufitError
 
 Progress = Callable[[str], None]
@@ -461,16 +461,6 @@ def make_plan(ec2: Any, spec: ClusterSpec, region: str) -> Plan:
 
 
 # ---------------------------------------------------------------- user-data and launch args
-
-
-def bootstrap_script() -> str:
-    """The text of ami/bootstrap.sh (from the source tree relufit runs from)."""
-    path = Path(__file__).resolve().parents[2] / "ami" / "bootstrap.sh"
-    try:
-        return path.read_text()
-    except OSError:
-        raise RelufitError(f"{path} is missing: run relufit from its source tree "
-                           "(pip install -e .)") from None
 
 
 def user_data(spec: ClusterSpec, rank: int, bootstrap: str) -> str:
