@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from worker import qsgd  # noqa: E402
 
-PARAMS = ("alpha_ms", "kappa", "gamma_ns", "call_us", "delta_ns")
+PARAMS = ("fixed_ms", "alpha_ms", "kappa", "gamma_ns", "call_us", "delta_ns", "draw_ns")
 SETTING_BYTES = {"fp32": lambda d: 4 * d,
                  "s15b128fixed": lambda d: qsgd.fixed_payload_bytes(d, 15, 128)}
 PRESETS = ("c5.large-baseline", "c5n.large-baseline", "c5n.18xlarge")
@@ -58,13 +58,14 @@ TOPOLOGIES = ("broadcast", "allreduce", "mpi-allreduce")
 
 
 def features(topology: str, setting: str, m: int, d: int, batch: int, bps: float,
-             cores: float) -> np.ndarray:
-    """The five counts of one round (see the module doc), in PARAMS' order and units:
-    messages, seconds of bytes at nominal rate (x1e3: ms), coordinates (x1e-6: ns -> ms),
-    calls (x1e-3: us -> ms), d * batch * crowding (x1e-6)."""
+             cores: float, online: bool = False) -> np.ndarray:
+    """The counts of one round (see the module doc), in PARAMS' order and units: 1 (a fixed
+    cost a round), messages, seconds of bytes at nominal rate (x1e3: ms), coordinates (x1e-6:
+    ns -> ms), calls (x1e-3: us -> ms), d * batch * crowding (x1e-6), and the same again for
+    online data (n = 0), whose samples are drawn every round."""
     f = 4 * d
     p = SETTING_BYTES[setting](d)
-    crowd = max(1.0, m / cores)
+    crowd = max(1.0, (m + 1) / cores)  # the workers and the master (or mpirun) share them
     coded = setting != "fp32"
     if topology == "mpi-allreduce":
         msgs, nbytes, coords, calls = 2 * (m - 1), 2 * (m - 1) / m * f, 0.0, 0.0
@@ -85,12 +86,14 @@ def features(topology: str, setting: str, m: int, d: int, batch: int, bps: float
         raise ValueError(topology)
     if not coded:
         coords, calls = 0.0, 0.0
-    return np.array([msgs, 8e3 * nbytes / bps, coords * 1e-6, calls * 1e-3,
-                     d * batch * crowd * 1e-6])
+    work = d * batch * crowd * 1e-6
+    # a message costs its sender CPU time (framing, a syscall, a thread switch): crowded too
+    return np.array([1.0, msgs * crowd, 8e3 * nbytes / bps, coords * 1e-6, calls * 1e-3, work,
+                     work if online else 0.0])
 
 
 def nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Least squares with x >= 0, by trying every set of free columns (5 of them: 32 tries)."""
+    """Least squares with x >= 0, by trying every set of free columns (7 of them: 127 tries)."""
     best, best_err = np.zeros(a.shape[1]), float(np.sum(b ** 2))
     for k in range(1, a.shape[1] + 1):
         for cols in itertools.combinations(range(a.shape[1]), k):
@@ -133,6 +136,7 @@ def predict(x: np.ndarray, rows: list[dict], batch: int) -> list[dict]:
             continue
         for m in (2, 4, 8, 16, 32, 64, 128, 256):
             ms = float(features(topo, setting, m, d, batch, LINKS[preset].bits_per_s, m) @ x)
+            # (held data, as at d = 1e4; one core per worker and one for the master)
             rounds = rounds_for(rows, topo, setting, m, d)
             out.append({"preset": preset, "d": d, "M": m, "topology": topo, "setting": setting,
                         "round_ms": ms, "rounds": rounds,
@@ -197,8 +201,9 @@ def main() -> None:
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     rows = json.loads(args.rows.read_text())
-    for r in rows:
+    for r in rows:  # scaling.py's --big-d rows: online data, a smaller batch
         r.setdefault("batch", args.batch if r["d"] <= 10_000 else args.big_batch)
+        r.setdefault("n", 1 if r["d"] <= 10_000 else 0)
     x, errs = fit_rows(rows, args.cores)
     print("fitted: " + ", ".join(f"{k} = {v:.4g}" for k, v in zip(PARAMS, x, strict=True)))
     print("| link | d | M | topology | setting | measured ms | model ms | error |\n"
@@ -234,7 +239,7 @@ def fit_rows(rows: list[dict], cores: float) -> tuple[np.ndarray, list[dict]]:
     error."""
     usable = [r for r in rows if r["setting"] in SETTING_BYTES and r["round_ms"] > 0]
     a = np.array([features(r["topology"], r["setting"], r["M"], r["d"], r["batch"],
-                           rate_of(r["link"]), cores) for r in usable])
+                           rate_of(r["link"]), cores, r.get("n", 1) == 0) for r in usable])
     t = np.array([r["round_ms"] for r in usable])
     x = nnls(a / t[:, None], np.ones(len(t)))
     errs = [{**{k: r[k] for k in ("link", "d", "M", "topology", "setting")},

@@ -117,7 +117,8 @@ def link_bytes(m: dict, workers: int) -> dict:
 
 
 def cluster_rows(name: str, link: str, m: int, exp_file: Path, topologies: list[str],
-                 settings: list[str], sims: dict, out: Path, d: int, bps: int) -> list[dict]:
+                 settings: list[str], sims: dict, out: Path, d: int, bps: int,
+                 n: int, batch: int) -> list[dict]:
     rows = []
     for topo in topologies:
         stdout = relufit("run", str(exp_file), "--cluster", name, "--out", str(out),
@@ -127,7 +128,8 @@ def cluster_rows(name: str, link: str, m: int, exp_file: Path, topologies: list[
         for t in load_run(stdout.strip().splitlines()[-1])["trials"]:
             mt, setting = t["metrics"], setting_name(t["params"])
             sl = slice(WARMUP, None)
-            row = {"link": link, "d": d, "M": m, "topology": topo, "setting": setting,
+            row = {"link": link, "d": d, "n": n, "batch": batch, "M": m, "topology": topo,
+                   "setting": setting,
                    "round_ms": 1e3 * float(np.median(np.diff(mt["elapsed_s"])[WARMUP - 1:])),
                    "compute_ms": 1e3 * float(np.median(mt["t_compute"][sl])),
                    "coding_ms": 1e3 * float(np.median((mt["t_encode"] + mt["t_decode"])[sl])),
@@ -153,7 +155,8 @@ def mpi_row(name: str, link: str, m: int, d: int, n: int, batch: int, lr: float,
     res = run_mpi(name, d=d, n=n, batch=batch, lr=lr, rounds=rounds, target=0, seed=0,
                   ranks=m)
     ring = ring_bytes(d, m)
-    row = {"link": link, "d": d, "M": m, "topology": "mpi-allreduce", "setting": "fp32",
+    row = {"link": link, "d": d, "n": n, "batch": batch, "M": m, "topology": "mpi-allreduce",
+           "setting": "fp32",
            "round_ms": res["round_ms"], "compute_ms": res["compute_ms"], "coding_ms": 0.0,
            "network_ms": res["network_ms"], "master_kb": 0.0, "worker_kb": ring / 1e3,
            "busiest_kb": ring / 1e3, "total_kb": m * ring / 1e3,
@@ -195,7 +198,7 @@ def run_link(link: str, args: argparse.Namespace, tmp: Path, sims: dict,
             exp_file.write_text(experiment(args.d, args.n, args.batch, lr_at(args, m),
                                            args.rounds, 0, max(ms)))
             rows += cluster_rows(name, link, m, exp_file, topologies, settings, sims[m],
-                                 Path("results"), args.d, bps)
+                                 Path("results"), args.d, bps, args.n, args.batch)
             if args.mpi:
                 fp32 = sims[m].get(("broadcast", "fp32"))
                 rows.append(mpi_row(name, link, m, args.d, args.n, args.batch, lr_at(args, m),
@@ -210,7 +213,7 @@ def run_link(link: str, args: argparse.Namespace, tmp: Path, sims: dict,
             big = tmp / "scaling-big.toml"
             big.write_text(experiment(args.big_d, 0, 16, 1e-4, 8, 0, max(ms)))
             rows += cluster_rows(name, link, 4, big, topologies, settings, {}, Path("results"),
-                                 args.big_d, bps)
+                                 args.big_d, bps, 0, 16)
             if args.mpi:
                 rows.append(mpi_row(name, link, 4, args.big_d, 0, 16, 1e-4, 8, None, bps))
     finally:
