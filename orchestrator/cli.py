@@ -202,6 +202,10 @@ CLUSTER_OPTIONS = (
                  help="netns: the master's link [default: as --bandwidth]."),
     click.option("--hosts-file", default=None, type=click.Path(dir_okay=False),
                  help="hosts: TOML file listing the machines (the first runs the master)."),
+    click.option("--idle-minutes", type=float, default=None, metavar="N",
+                 help="Autostop: a node with no relufit run for N minutes tears itself down "
+                      "(EC2: it terminates; netns, hosts: relufit's processes stop) "
+                      "[default: 30; 0: never]."),
 )
 
 
@@ -264,6 +268,11 @@ def cluster_status(name: str, region: str | None, as_json: bool) -> None:
             click.echo(f"{n['rank']:>4}  {n['role']:<6}  {n['instance_id']:<19}  "
                        f"{n['type']:<10}  {n['state']:<13}  {n['address'] or '-':<15}  "
                        f"{n['private_address'] or '-':<15}  {n['zone'] or '-'}")
+    if not as_json:
+        from orchestrator import autostop
+
+        for line in autostop.echo_lines(rec["nodes"]):
+            click.echo(line)
 
 
 @cluster.command("list")

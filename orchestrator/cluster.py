@@ -240,6 +240,7 @@ class ClusterSpec:
     max_hours: float = 4.0  # kill switch: every instance shuts down (terminates) after this
     user: str = "ubuntu"  # the AMI's login user
     volume_gb: int = 16
+    idle_minutes: float = 30.0  # autostop: each node terminates after this long idle; 0: off
 
     @property
     def master_type(self) -> str:
@@ -248,6 +249,25 @@ class ClusterSpec:
     def instance_types(self) -> list[str]:
         """Instance type of each rank (0 = master)."""
         return [self.master_type] + [self.instance_type] * self.workers
+
+
+DEFAULT_IDLE_MINUTES = ClusterSpec.idle_minutes
+EC2_MIN_IDLE_MINUTES = 5.0  # a node boots, passes status checks and gets deployed first
+MAX_IDLE_MINUTES = 7 * 24 * 60.0
+
+
+def check_idle_minutes(value: float | None, provider: str) -> float:
+    """``--idle-minutes`` (None: the default) if usable for ``provider``; else ConfigError."""
+    value = DEFAULT_IDLE_MINUTES if value is None else value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not 0 <= value <= MAX_IDLE_MINUTES:
+        raise ConfigError("--idle-minutes", f"{value!r}: between 0 (no autostop) and "
+                                            f"{MAX_IDLE_MINUTES:g} minutes")
+    if provider == "ec2" and 0 < value < EC2_MIN_IDLE_MINUTES:
+        raise ConfigError("--idle-minutes", f"{value:g}: at least {EC2_MIN_IDLE_MINUTES:g} on "
+                          "EC2 (a node boots, passes its status checks and is deployed before "
+                          "its first run), or 0 for no autostop")
+    return float(value)
 
 
 _SPEC_TYPES = {f.name: f.type for f in fields(ClusterSpec)}
@@ -309,7 +329,7 @@ def validate_spec(s: ClusterSpec) -> ClusterSpec:
         s = replace(s, ssh_cidr=check_ssh_cidr(s.ssh_cidr))
     if not 8 <= s.volume_gb <= 1024:
         raise ConfigError("--volume-gb", f"{s.volume_gb}: between 8 and 1024")
-    return s
+    return replace(s, idle_minutes=check_idle_minutes(s.idle_minutes, "ec2"))
 
 
 def load_spec(path: str | None, flags: dict[str, Any]) -> ClusterSpec:

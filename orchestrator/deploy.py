@@ -36,6 +36,7 @@ import paramiko
 from orchestrator.cluster import Cluster
 from orchestrator.distribution import bootstrap_path, cache_dir, relufit_wheel, wheel_requirements
 from orchestrator.errors import RunError, SSHError
+from worker.watchdog import TOUCH_COMMAND
 
 Progress = Callable[[str], None]
 T = TypeVar("T")
@@ -458,6 +459,7 @@ def install_node(target: SSHTarget, wheel: Path, requirements: list[str],
     t0 = time.monotonic()
     with Session(target) as s:
         s.mkdir(REMOTE_HOME_DIR)
+        s.run(TOUCH_COMMAND)  # a deploy is activity: autostop's idle clock starts again
         s.put(bootstrap_path(), REMOTE_BOOTSTRAP, 0o755)
         plat = probe_platform(s)
         progress(f"[{target.name}] python {plat.full_version} {plat.machine} ({plat.tag})")
@@ -479,6 +481,7 @@ def install_node(target: SSHTarget, wheel: Path, requirements: list[str],
             if line.startswith("bootstrap: "):
                 progress(f"[{target.name}] {line[len('bootstrap: '):]}")
         version = s.run(f"{REMOTE_RELUFIT} --version").strip()
+        s.run(TOUCH_COMMAND)  # and its end: an install may outlast a short idle limit
     seconds = time.monotonic() - t0
     progress(f"[{target.name}] ok: {version} ({seconds:.1f} s)")
     return NodeReport(target.name, plat.tag, version, sent, seconds)

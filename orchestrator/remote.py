@@ -40,6 +40,14 @@ from orchestrator.config import Experiment
 from orchestrator.deploy import REMOTE_VENV, Session, SSHTarget
 from orchestrator.errors import RunError, SSHError
 from orchestrator.results import new_run_id
+from worker.watchdog import (
+    OURS_FN,
+    RUNNING_SCRIPT,
+    RUNS_DIR,
+    SIGNAL_SCRIPT,
+    STOP_GRACE_S,
+    TOUCH_COMMAND,
+)
 
 Progress = Callable[[str], None]
 
@@ -47,10 +55,8 @@ class Unreachable(RunError):
     """Node 0 cannot be reached any more; the run may go on there without us."""
 
 
-RUNS_DIR = "relufit-runs"
 MASTER_PORT = 5555  # inside the range EC2 opens within the cluster's security group
 THREADS = "OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1"
-STOP_GRACE_S = 15.0  # the master records the interrupted trial and STOPs its agents
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 # Background jobs of a non-interactive sh start with SIGINT ignored, and an ignored signal
 # stays ignored across exec: Python would then never raise KeyboardInterrupt. Reset it.
@@ -86,8 +92,15 @@ def spawn_command(rdir: str, name: str, args: list[str]) -> str:
     from the SSH session; ``name``.pid holds its process group, ``name``.exit its code."""
     relufit = f'"$HOME/{REMOTE_VENV}/bin/relufit"'
     py = f'"$HOME/{REMOTE_VENV}/bin/python"'
-    inner = (f"echo $$ > {name}.pid; env {THREADS} {py} -c {shlex.quote(_LAUNCH)} {relufit} "
-             f"{' '.join(shlex.quote(a) for a in args)}; echo $? > {name}.exit")
+    return detach_command(rdir, name, f"env {THREADS} {py} -c {shlex.quote(_LAUNCH)} {relufit} "
+                                      f"{' '.join(shlex.quote(a) for a in args)}")
+
+
+def detach_command(rdir: str, name: str, command: str) -> str:
+    """Shell command that runs shell text ``command`` in ``rdir`` in its own session,
+    detached from the SSH session, logging to ``name``.log; ``name``.pid holds its process
+    group, ``name``.exit its code."""
+    inner = f"echo $$ > {name}.pid; {command}; echo $? > {name}.exit"
     # `a && b &` would background a subshell that holds the SSH channel open until the
     # process ends: only the setsid command itself goes to the background.
     # Then wait (at most 10 s) for the pidfile, so whoever follows or stops it finds it.
@@ -97,47 +110,11 @@ def spawn_command(rdir: str, name: str, args: list[str]) -> str:
             f"test -s {name}.pid")
 
 
-# `ours G`: true while process group G has a live (not zombie) relufit process. kill -0
-# would also count zombies that init has not reaped yet, and a dead group leader hides a
-# live member; reading /proc needs no procps on the node.
-OURS_FN = r"""
-ours() {
-  g=$1
-  for d in /proc/[0-9]*; do
-    read -r st 2>/dev/null < "$d/stat" || continue
-    set -- ${st##*) }
-    [ "$3" = "$g" ] && [ "$1" != Z ] && grep -q relufit "$d/cmdline" 2>/dev/null && return 0
-  done
-  return 1
-}
-"""
-
-# Signal every process group named by a pidfile (while it is ours), wait up to $2 seconds
-# for them to end, print the ones still alive. $1: the signal; the rest: pidfiles.
-_SIGNAL_SCRIPT = OURS_FN + r"""
-sig=$1; wait_s=$2; shift 2
-pids=""
-for f in "$@"; do
-  [ -f "$f" ] || continue
-  p=$(cat "$f" 2>/dev/null) || continue
-  case "$p" in ''|*[!0-9]*) continue ;; esac
-  ours "$p" || continue
-  kill -s "$sig" -- "-$p" 2>/dev/null && pids="$pids $p"
-done
-end=$(( $(date +%s) + wait_s ))
-for p in $pids; do
-  while ours "$p" && [ "$(date +%s)" -lt "$end" ]; do sleep 0.2; done
-done
-for p in $pids; do ours "$p" && echo "alive $p"; done
-true
-"""
-
-
 def _signal(s: Session, rdir: str, sig: str, wait_s: float, pidfiles: str) -> list[int]:
     """Send ``sig`` to the groups of ``pidfiles`` (a shell glob in ``rdir``); the pids
     still alive after ``wait_s`` seconds."""
     out = s.run(f"cd {shlex.quote(rdir)} 2>/dev/null || exit 0; "
-                f"sh -c {shlex.quote(_SIGNAL_SCRIPT)} sh {sig} {int(wait_s)} {pidfiles}")
+                f"sh -c {shlex.quote(SIGNAL_SCRIPT)} sh {sig} {int(wait_s)} {pidfiles}")
     return [int(line.split()[1]) for line in out.splitlines() if line.startswith("alive ")]
 
 
@@ -218,9 +195,11 @@ class RemoteRun:
                  f"connecting to {endpoint}")
 
     def _check_installed(self, progress: Progress) -> None:
+        """Check relufit is on every node, and restart every node's idle clock (autostop):
+        nodes this run gives no agent count this start as activity too."""
         def check(t: SSHTarget) -> None:
             with Session(t) as s:
-                rc, _ = s.run_rc(f'test -x "$HOME/{REMOTE_VENV}/bin/relufit"')
+                rc, _ = s.run_rc(f'test -x "$HOME/{REMOTE_VENV}/bin/relufit" && {TOUCH_COMMAND}')
             if rc != 0:
                 raise SSHError(t.name, f"relufit is not installed; run `relufit deploy "
                                        f"{self.cluster.name}` first")
@@ -427,23 +406,11 @@ def stop(cluster: Cluster, run_id: str | None = None, progress: Progress = print
     return ids
 
 
-# The runs in ~/relufit-runs with a live process behind one of their pidfiles.
-_RUNNING_SCRIPT = OURS_FN + r"""
-cd relufit-runs 2>/dev/null || exit 0
-for r in */; do
-  for f in "$r"*.pid; do
-    [ -f "$f" ] && ours "$(cat "$f")" && { echo "${r%/}"; break; }
-  done
-done
-true
-"""
-
-
 def running(cluster: Cluster) -> list[str]:
     """Run ids with relufit processes still alive on any node of the cluster."""
     def live(t: SSHTarget) -> list[str]:
         with Session(t, timeout=30) as s:
-            return s.run(f"sh -c {shlex.quote(_RUNNING_SCRIPT)}").split()
+            return s.run(f"sh -c {shlex.quote(RUNNING_SCRIPT)}").split()
 
     return sorted({r for found in deploy.on_all(deploy.targets(cluster), live) for r in found})
 

@@ -14,7 +14,8 @@ Fixtures (all clean up every process, namespace and file they made):
     (sshd comes up late), ``rotate_host_key()`` (restarts with a new host key; the known_hosts
     file keeps the old one), ``new_key(name)`` (a key sshd does not accept), ``home(path)``
     (a path in its private home, readable from the test), ``ssh(*cmd)`` (the ssh client's
-    argv). A restart gives a fresh empty home.
+    argv). A restart gives a fresh empty home. ``stop()`` also ends every process its
+    sessions left in its mount namespace (``in_mount_namespace_of(pid)``).
 
 ``netns_cluster`` -> factory ``(workers=2, bandwidth=None, master_bandwidth=None) -> NetnsCluster``
     Emulated hosts (orchestrator.providers.netns): node 0 + ``workers``, each with its own
@@ -114,8 +115,8 @@ class SshdHost:
             self._timer.cancel()
             self._timer.join()
             self._timer = None
-        if self.pid:
-            netns._kill([self.pid])
+        if self.pid:  # and whatever its sessions left running (an autostop watchdog)
+            netns._kill([self.pid, *in_mount_namespace_of(self.pid)])
             _reap(self.pid)
             self.pid = 0
 
@@ -146,6 +147,24 @@ class SshdHost:
     def ssh(self, *cmd: str, key: str | None = None) -> list[str]:
         return ssh_argv(key or self.key_path, self.known_hosts, self.user, self.host, self.port,
                         *cmd)
+
+
+def in_mount_namespace_of(pid: int) -> list[int]:
+    """Other live processes in ``pid``'s mount namespace (an sshd_host's is its own)."""
+    try:
+        ns = os.readlink(f"/proc/{pid}/ns/mnt")
+    except OSError:
+        return []
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == pid:
+            continue
+        try:
+            if os.readlink(proc / "ns" / "mnt") == ns and not netns._zombie(int(proc.name)):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
 
 
 def _reap(pid: int) -> None:
@@ -245,7 +264,10 @@ def aws_env(moto_server, tmp_path):
     env.update(AWS_ENDPOINT_URL=moto_server, AWS_ACCESS_KEY_ID="testing",
                AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION=MOTO_REGION,
                AWS_EC2_METADATA_DISABLED="true", RELUFIT_HOME=str(tmp_path / "home"),
-               RELUFIT_EC2_POLL_S="0.05")
+               RELUFIT_EC2_POLL_S="0.05",
+               # moto's instances do not exist: `cluster status` must not SSH to the
+               # addresses moto makes up (it reads autostop from the tags instead)
+               RELUFIT_STATUS_SSH="0")
     return env
 
 

@@ -3,6 +3,8 @@ replaced by a recorder, since moto's instances cannot be reached over SSH."""
 
 from __future__ import annotations
 
+import base64
+
 import boto3
 import pytest
 from click.testing import CliRunner
@@ -54,8 +56,12 @@ def test_ami_build_images_the_builder_tags_it_and_removes_the_builder(aws, monke
     def fake_install(c: model.Cluster, progress) -> None:
         seen.append(c)
         # mid-build: the builder runs, with its own key and group, tagged as a cluster
-        assert len(live_instances(client)) == 1
+        [builder] = live_instances(client)
         assert model.key_path(c.name).exists()
+        # and no autostop watchdog that could halt it while it is imaged
+        ud = client.describe_instance_attribute(InstanceId=builder["InstanceId"],
+                                                Attribute="userData")["UserData"]["Value"]
+        assert "watchdog" not in base64.b64decode(ud).decode()
 
     monkeypatch.setattr(deploy, "prepare_image", fake_install)
     res = build(base)

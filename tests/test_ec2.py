@@ -7,17 +7,19 @@ are injected by wrapping one method of the real (moto-backed) client.
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 import os
 import stat
+import subprocess
 
 import pytest
 from botocore.exceptions import ClientError
 from click.testing import CliRunner
 from moto import mock_aws
 
+from orchestrator import autostop, pricing
 from orchestrator import cluster as model
-from orchestrator import pricing
 from orchestrator.cli import cli
 from orchestrator.providers import ec2, netns
 
@@ -46,6 +48,9 @@ def aws(monkeypatch, relufit_home, pauses):
     # `cluster down` of a name with no local state also looks for an emulated cluster of
     # that name on this machine: never let these tests find (and remove) another test's.
     monkeypatch.setattr(netns, "exists", lambda name, state_dir=None: False)
+    # moto's instances have no sshd: `cluster status` must never SSH to their made-up
+    # addresses (it reports them unreachable, from their tags)
+    monkeypatch.setattr(autostop, "read_state", lambda target, timeout=0: None)
     with mock_aws():
         client, _ = ec2.client(REGION)  # shares relufit's parsed API models: faster
         builder = client.run_instances(ImageId="ami-12345678", MinCount=1, MaxCount=1,
@@ -175,6 +180,48 @@ def test_up_creates_a_tagged_locked_down_cluster(aws):
     assert c.provider == "ec2" and c.region == REGION and c.key_path == str(key)
     assert all(n.address and n.private_address and n.instance_id for n in c.nodes)
     assert not (model.cluster_dir("t1") / ec2.LAUNCH_FILE).exists()
+
+
+def user_data_of(client, inst: dict) -> str:
+    ud = client.describe_instance_attribute(InstanceId=inst["InstanceId"], Attribute="userData")
+    return base64.b64decode(ud["UserData"]["Value"]).decode()
+
+
+def packed_watchdog(text: str) -> str:
+    return text.split("<<'RELUFIT_WATCHDOG_EOF'\n")[1].split("RELUFIT_WATCHDOG_EOF\n")[0]
+
+
+@pytest.mark.parametrize("flags, minutes", [([], 30), (["--idle-minutes", "45"], 45),
+                                            (["--idle-minutes", "7.5"], 7.5)])
+def test_user_data_installs_the_autostop_watchdog_with_its_limit(aws, tmp_path, flags, minutes):
+    assert up("t1", "--workers", "1", *flags).exit_code == 0
+    for inst in ec2.instances(aws, "t1"):
+        text = user_data_of(aws, inst)
+        assert len(text.encode()) < 16384  # EC2's limit on user-data
+        packed = packed_watchdog(text)
+        assert gzip.decompress(base64.b64decode(packed)) == autostop.watchdog_source()
+        start = (f"/usr/bin/python3 /opt/relufit/watchdog.py --idle-seconds {minutes * 60:g} "
+                 '--action poweroff --home "$home"')
+        assert start in text
+        assert text.index("shutdown -h +") < text.index(start) < text.index(
+            "sh /opt/relufit/bootstrap.sh")  # started before the minutes-long bootstrap
+        assert 'systemd-run --unit relufit-watchdog --quiet "$@"' in text
+        assert ec2.tags_of(inst)[ec2.TAG_IDLE] == f"{minutes:g}"
+    # the user-data's own shell lines unpack it (base64 -d, gunzip), byte for byte
+    lines = text.splitlines(keepends=True)
+    first = next(i for i, ln in enumerate(lines) if ln.startswith("base64 -d"))
+    script = "".join(lines[first:first + packed.count("\n") + 3]).replace(
+        "/opt/relufit", str(tmp_path))
+    subprocess.run(["bash", "-c", script], check=True)
+    assert (tmp_path / "watchdog.py").read_bytes() == autostop.watchdog_source()
+
+
+def test_idle_minutes_0_installs_no_watchdog(aws):
+    assert up("t0", "--workers", "1", "--idle-minutes", "0").exit_code == 0
+    for inst in ec2.instances(aws, "t0"):
+        text = user_data_of(aws, inst)
+        assert "watchdog" not in text and "shutdown -h +240 " in text
+        assert ec2.tags_of(inst)[ec2.TAG_IDLE] == "0"
 
 
 def test_spot_and_master_type(aws):
@@ -402,6 +449,8 @@ def test_missing_credentials(monkeypatch, relufit_home, tmp_path):
     (["--ami", "ami-0000000000000dead"], "--ami"),
     (["--availability-zone", "us-east-1q"], "--availability-zone"),
     (["--max-hours", "0"], "--max-hours"),
+    (["--idle-minutes", "2"], "--idle-minutes"),  # nodes would stop before their deploy
+    (["--idle-minutes", "-1"], "--idle-minutes"),
 ])
 def test_bad_input_is_one_line_and_creates_nothing(aws, args, flag):
     r = relufit("cluster", "up", "--name", "bad", "--ssh-cidr", CIDR, "--yes", *args)
@@ -465,9 +514,14 @@ def test_list_and_status(aws, monkeypatch):
 
     r = relufit("cluster", "status", "ls2")
     assert r.exit_code == 0, r.output
-    lines = [ln.split() for ln in r.output.splitlines()[1:]]
+    lines = [ln.split() for ln in r.output.splitlines()[1:4]]
     assert [(ln[0], ln[1], ln[4]) for ln in lines] == [
         ("0", "master", "running"), ("1", "worker", "running"), ("2", "worker", "running")]
+    autostop_block = r.output.splitlines()[4:]
+    assert autostop_block[0].startswith("autostop") and len(autostop_block) == 4
+    for rank, line in enumerate(autostop_block[1:]):  # SSH does not reach moto: the tags
+        assert line.split()[0] == str(rank)
+        assert "not reachable): idle limit 30 min, not before" in line
     assert relufit("cluster", "status", "nope").exit_code == 1
 
 

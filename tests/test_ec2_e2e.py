@@ -52,8 +52,11 @@ def test_up_list_status_down_leave_nothing(aws_env):
 
     r = relufit("status", name)
     assert r.returncode == 0, r.stderr
-    roles = [ln.split()[1] for ln in r.stdout.splitlines()[1:]]
+    roles = [ln.split()[1] for ln in r.stdout.splitlines()[1:4]]
     assert roles == ["master", "worker", "worker"]
+    autostop = r.stdout.splitlines()[4:]  # from the tags: RELUFIT_STATUS_SSH=0 (aws_env)
+    assert autostop[0].startswith("autostop") and len(autostop) == 4
+    assert all("not reachable): idle limit 30 min, not before" in ln for ln in autostop[1:])
 
     r = relufit("down", name)
     assert r.returncode == 0, r.stderr

@@ -173,7 +173,9 @@ def test_cluster_list_and_status_json_of_an_emulated_cluster(netns_cluster):
                                         h.address, "root", 22, None) for h in c.hosts]
     assert sorted(rec["nodes"][0]) == sorted(
         ["rank", "role", "address", "private_address", "user", "port", "instance_id", "type",
-         "state", "zone"])
+         "state", "zone", "autostop"])
+    # read from each node: this fixture's cluster was made without the CLI, so no watchdog
+    assert [n["autostop"]["state"] for n in rec["nodes"]] == ["off", "off"]
 
 
 def test_cluster_list_and_status_json_on_ec2(aws):
@@ -193,6 +195,8 @@ def test_cluster_list_and_status_json_on_ec2(aws):
         (0, "master", "running", "c5.large"), (1, "worker", "running", "c5.large")]
     assert all(n["instance_id"].startswith("i-") and n["user"] == "ubuntu"
                for n in rec["nodes"])
+    assert all(n["autostop"]["state"] == "unknown" and "idle limit 30 min" in
+               n["autostop"]["text"] for n in rec["nodes"])  # moto: from the tags
     missing = invoke("cluster", "status", "nope", "--json")
     assert missing.exit_code == 1 and missing.stdout == ""
     assert "no cluster 'nope'" in one_error_line(missing.stderr)
@@ -207,6 +211,8 @@ def test_cluster_list_and_status_json_on_ec2(aws):
     (["--provider", "netns", "--instance-type", "c5.large"], "--instance-type: only with", 2),
     (["--cluster", "lab", "--workers", "2"], "--workers: not with --cluster", 2),
     (["--cluster", "nope"], "no cluster 'nope'", 1),
+    (["--provider", "netns", "--idle-minutes", "-1"], "--idle-minutes: -1", 2),
+    (["--cluster", "lab", "--idle-minutes", "5"], "--idle-minutes: not with --cluster", 2),
 ])
 def test_launch_bad_input_fails_before_anything_is_made(tmp_path, relufit_home, args, needle,
                                                         code, monkeypatch):
@@ -217,6 +223,13 @@ def test_launch_bad_input_fails_before_anything_is_made(tmp_path, relufit_home, 
     assert needle in one_error_line(r.stderr)
     assert made == [] and not (relufit_home / "clusters").exists()
     assert not (tmp_path / "out").exists()
+
+
+def test_launch_with_too_short_an_idle_limit_on_ec2_creates_nothing(aws, tmp_path):
+    r = invoke("launch", str(tiny(tmp_path)), "--idle-minutes", "2", "--ssh-cidr", CIDR,
+               "--yes")
+    assert r.exit_code == 2 and "at least 5 on EC2" in one_error_line(r.stderr)
+    assert nothing_left(aws)
 
 
 def test_launch_bad_experiment_key_on_ec2_creates_nothing(aws, tmp_path):
@@ -297,8 +310,11 @@ def test_launch_on_ec2_states_the_cost_and_leaves_nothing(aws, tmp_path, sim_for
 
 
 def test_launch_keep_keeps_the_ec2_cluster(aws, tmp_path, sim_for_ssh):
-    r = ec2_launch(tmp_path, "--keep")
+    r = ec2_launch(tmp_path, "--keep", "--idle-minutes", "45")
     assert r.exit_code == 0, r.output
+    # a kept cluster still stops itself: its nodes' watchdogs have launch's --idle-minutes
+    assert all(ec2.tags_of(i)[ec2.TAG_IDLE] == "45" and "--idle-seconds 2700 --action "
+               "poweroff" in test_ec2.user_data_of(aws, i) for i in ec2.instances(aws, "ln"))
     run_dir, report = r.stdout.splitlines()
     assert Path(report) == Path(run_dir) / "report" / "summary.md" and Path(report).exists()
     assert "Cluster ln kept" in r.stderr and "goes on costing" in r.stderr

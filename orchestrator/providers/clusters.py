@@ -8,11 +8,20 @@ check of the flags and makes nothing: ``launch`` calls it before it spends anyth
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from orchestrator import pricing
-from orchestrator.cluster import Cluster, ClusterSpec, check_name, load_spec, read_cluster
+from orchestrator.cluster import (
+    DEFAULT_IDLE_MINUTES,
+    Cluster,
+    ClusterSpec,
+    check_idle_minutes,
+    check_name,
+    load_cluster,
+    load_spec,
+    read_cluster,
+)
 from orchestrator.errors import ConfigError, RelufitError
 
 Progress = Callable[[str], None]
@@ -32,6 +41,7 @@ class UpRequest:
     master_bandwidth: str | None = None  # netns
     hosts_file: str | None = None  # hosts
     dry_run: bool = False  # ec2
+    idle_minutes: float = DEFAULT_IDLE_MINUTES  # autostop (EC2: also in spec); 0: off
 
     def instance_types(self) -> list[str]:
         """EC2 instance type of each node, master first; [] for providers that cost nothing."""
@@ -51,21 +61,25 @@ def _flag(key: str) -> str:
 
 def request(provider: str | None = None, *, spec_file: str | None = None,
             bandwidth: str | None = None, master_bandwidth: str | None = None,
-            hosts_file: str | None = None, dry_run: bool = False, **flags: Any) -> UpRequest:
+            hosts_file: str | None = None, dry_run: bool = False,
+            idle_minutes: float | None = None, **flags: Any) -> UpRequest:
     """Check the flags of ``cluster up`` (``flags``: name, workers and the EC2 flags, None
     where not given); a ConfigError names the first bad one. Nothing is made or asked."""
     provider = provider or DEFAULT_PROVIDER
     if provider == "hosts":
-        return _hosts_request(flags, hosts_file, bandwidth or master_bandwidth)
-    if hosts_file:
+        req = _hosts_request(flags, hosts_file, bandwidth or master_bandwidth)
+    elif hosts_file:
         raise ConfigError("--hosts-file", "only with --provider hosts")
-    if provider == "netns":  # --spec and --dry-run are EC2's: refused by name
-        return _netns_request({**flags, "spec": spec_file, "dry_run": dry_run or None},
-                              bandwidth, master_bandwidth)
-    if bandwidth or master_bandwidth:
+    elif provider == "netns":  # --spec and --dry-run are EC2's: refused by name
+        req = _netns_request({**flags, "spec": spec_file, "dry_run": dry_run or None},
+                             bandwidth, master_bandwidth)
+    elif bandwidth or master_bandwidth:
         raise ConfigError("--bandwidth", "shapes emulated links: only with --provider netns")
-    spec = load_spec(spec_file, flags)
-    return UpRequest("ec2", spec.name, spec.workers, spec=spec, dry_run=dry_run)
+    else:
+        spec = load_spec(spec_file, {**flags, "idle_minutes": idle_minutes})
+        return UpRequest("ec2", spec.name, spec.workers, spec=spec, dry_run=dry_run,
+                         idle_minutes=spec.idle_minutes)
+    return replace(req, idle_minutes=check_idle_minutes(idle_minutes, provider))
 
 
 def _netns_request(flags: dict[str, Any], bandwidth: str | None,
@@ -102,17 +116,20 @@ def _hosts_request(flags: dict[str, Any], hosts_file: str | None,
 
 
 def up(req: UpRequest, *, confirm: Confirm, progress: Progress) -> Cluster | None:
-    """Make the cluster of ``req`` (None for an EC2 dry run). Each provider removes what it
-    made when ``up`` fails or is interrupted, then re-raises."""
+    """Make the cluster of ``req`` (None for an EC2 dry run), autostop armed. Each provider
+    removes what it made when ``up`` fails or is interrupted, then re-raises."""
+    from orchestrator import autostop
+
     if req.provider == "hosts":
         from orchestrator.providers import hosts
 
-        return hosts.up(req.name, req.hosts_file, progress)
+        c = hosts.up(req.name, req.hosts_file, progress)
+        return autostop.apply(c, req.idle_minutes, progress)
     if req.provider == "netns":
         from orchestrator.providers import netns
 
         netns.up(req.name, req.workers, req.bandwidth, req.master_bandwidth, progress=progress)
-        return read_cluster(req.name)
+        return autostop.apply(load_cluster(req.name), req.idle_minutes, progress)
     from orchestrator.providers import ec2
 
     return ec2.up(req.spec, confirm=confirm, progress=progress, dry_run_only=req.dry_run)
@@ -174,24 +191,36 @@ def usd_per_hour(c: Cluster) -> float | None:
 # ---------------------------------------------------------------- status and list records
 
 NODE_KEYS = ("rank", "role", "address", "private_address", "user", "port", "instance_id",
-             "type", "state", "zone")
+             "type", "state", "zone", "autostop")
 
 
 def _local_node(n: Any) -> dict[str, Any]:
     return {"rank": n.rank, "role": n.role, "address": n.address,
             "private_address": n.private_address, "user": n.user, "port": n.port,
-            "instance_id": n.instance_id, "type": None, "state": None, "zone": None}
+            "instance_id": n.instance_id, "type": None, "state": None, "zone": None,
+            "autostop": None}
+
+
+def _with_autostop(nodes: list[dict[str, Any]], states: list[Any]) -> list[dict[str, Any]]:
+    """Each node's record with its autostop (state, seconds_left, text; None for a node
+    that is not live)."""
+    by_rank = {a.rank: {"state": a.state, "seconds_left": a.seconds_left, "text": a.text}
+               for a in states}
+    return [{**n, "autostop": by_rank.get(n["rank"])} for n in nodes]
 
 
 def status(name: str, region: str | None) -> dict[str, Any]:
     """Cluster ``name`` as one record: name, provider, region and its ``nodes`` (the keys of
-    ``NODE_KEYS``; state, type and zone are EC2's, None elsewhere)."""
+    ``NODE_KEYS``; state, type and zone are EC2's, None elsewhere; autostop is read from
+    each node over SSH, see ``autostop.node_states``)."""
+    from orchestrator import autostop
     from orchestrator.providers import netns
 
     local = read_cluster(check_name(name, "NAME"))
     if local is not None and local.provider != "ec2":
         return {"name": name, "provider": local.provider, "region": None,
-                "nodes": [_local_node(n) for n in local.nodes]}
+                "nodes": _with_autostop([_local_node(n) for n in local.nodes],
+                                        autostop.node_states(local))}
     if local is None and netns.exists(name):  # down, or an `up` that did not finish
         if netns.leftovers(name):
             raise RelufitError(f"netns cluster {name!r} is half made (an `up` did not finish): "
@@ -208,8 +237,10 @@ def status(name: str, region: str | None) -> dict[str, Any]:
               "private_address": _known(r["private_ip"]), "user": users.get(r["rank"]),
               "port": 22, "instance_id": r["instance_id"], "type": r["type"],
               "state": r["state"], "zone": _known(r["zone"])} for r in rows]
+    launched = {r["rank"]: (r["idle_minutes"], r["launch_time"]) for r in rows}
+    states = autostop.node_states(c, launched) if c else []  # c: its live nodes
     return {"name": name, "provider": "ec2", "region": c.region if c else region,
-            "nodes": nodes}
+            "nodes": _with_autostop(nodes, states)}
 
 
 def _known(value: str) -> str | None:

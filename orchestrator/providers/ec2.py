@@ -10,12 +10,14 @@ A cluster ``NAME`` in a region is, in the account:
 - instances rank 0 (master) .. N (workers), all in one availability zone, IMDSv2 only,
   an encrypted gp3 root volume deleted with the instance, ``InstanceInitiatedShutdownBehavior
   =terminate`` and user-data whose first act is ``shutdown -h +<max-hours>`` (so a forgotten
-  cluster terminates itself), then the node bootstrap script (package data,
-  ``orchestrator/data/bootstrap.sh``).
+  cluster terminates itself), then the autostop watchdog (``--idle-minutes``: each node halts,
+  so terminates, once no relufit run has been active on it that long; worker/watchdog.py),
+  then the node bootstrap script (package data, ``orchestrator/data/bootstrap.sh``).
 
 Every resource carries ``relufit:cluster=NAME`` and ``relufit:role`` (``master``/``worker``;
 ``shared`` on the key pair and group), instances and their volumes also ``relufit:rank``,
-``relufit:user`` (the login user) and ``relufit:launch`` (the launch attempt id). Tags are the
+``relufit:user`` (the login user), ``relufit:launch`` (the launch attempt id) and
+``relufit:idle-minutes`` (autostop's limit, for ``status``). Tags are the
 truth: ``down``, ``list``, ``status`` and ``gc`` work from them alone; local state is a cache.
 
 Launch attempts: each ``up`` gets an id (persisted in ``clusters/NAME/launch``), and every
@@ -33,6 +35,7 @@ import ipaddress
 import math
 import os
 import random
+import shlex
 import time
 import urllib.request
 import uuid
@@ -80,6 +83,7 @@ TAG_ROLE = "relufit:role"
 TAG_RANK = "relufit:rank"
 TAG_USER = "relufit:user"
 TAG_LAUNCH = "relufit:launch"
+TAG_IDLE = "relufit:idle-minutes"  # autostop's limit, for `status` when SSH cannot say
 TAG_AMI = "relufit:ami"  # on images built by `relufit ami build`
 RELUFIT_PORTS = (5555, 5655)  # TCP, inclusive: master and agent sockets, open within the group
 UBUNTU_OWNER = "099720109477"  # Canonical
@@ -345,7 +349,8 @@ class Plan:
         return (f"Cluster {s.name} in {self.region}: master {s.master_type} + {s.workers} x "
                 f"{s.instance_type} ({market}), image {self.image_id} ({self.image_name}), "
                 f"zones in order {zones}, SSH from {s.ssh_cidr}, self-terminating after "
-                f"{s.max_hours:g} h")
+                f"{s.max_hours:g} h" + (f" or {s.idle_minutes:g} min with no run (each node "
+                                        "on its own)" if s.idle_minutes else ""))
 
 
 def _check_instance_types(ec2: Any, spec: ClusterSpec, region: str) -> str:
@@ -473,8 +478,34 @@ def user_data(spec: ClusterSpec, rank: int, bootstrap: str) -> str:
         f"{bootstrap.rstrip()}\n"
         "RELUFIT_BOOTSTRAP_EOF\n"
         "chmod 0755 /opt/relufit/bootstrap.sh\n"
+        f"{watchdog_user_data(spec)}"
         f"sudo -u {spec.user} -H sh /opt/relufit/bootstrap.sh "
         ">/var/log/relufit-bootstrap.log 2>&1\n"
+    )
+
+
+def watchdog_user_data(spec: ClusterSpec) -> str:
+    """Autostop: the node's own watchdog (worker/watchdog.py, packed), started as root before
+    the bootstrap and outside cloud-init's service (systemd-run, else setsid). It halts the
+    node once no relufit run has been active there for --idle-minutes; the halt terminates
+    the instance, as the kill switch's does. Nothing for --idle-minutes 0."""
+    if not spec.idle_minutes:
+        return ""
+    from orchestrator import autostop
+
+    user = shlex.quote(spec.user)
+    args = autostop.watchdog_args(spec.idle_minutes, "poweroff")
+    return (
+        f"# Autostop: halt after --idle-minutes={spec.idle_minutes:g} with no relufit run.\n"
+        "base64 -d > /opt/relufit/watchdog.py.gz <<'RELUFIT_WATCHDOG_EOF'\n"
+        f"{autostop.packed_source()}"
+        "RELUFIT_WATCHDOG_EOF\n"
+        "gunzip -f /opt/relufit/watchdog.py.gz\n"
+        f"home=$(getent passwd {user} | cut -d: -f6)\n"
+        f'install -d -m 0755 "$home/.relufit" && chown {user}: "$home/.relufit"\n'
+        f'set -- /usr/bin/python3 /opt/relufit/watchdog.py {args} --home "$home"\n'
+        'systemd-run --unit relufit-watchdog --quiet "$@" 2>/dev/null || '
+        '{ setsid nohup "$@" >/var/log/relufit-watchdog.log 2>&1 </dev/null & }\n'
     )
 
 
@@ -506,7 +537,8 @@ def run_args(plan: Plan, rank: int, zone: str, subnet: str, attempt: str,
         "UserData": user_data(s, rank, bootstrap),
         "ClientToken": client_token(s.name, attempt, zone, rank),
         "TagSpecifications": _tag_specs(("instance", "volume"), s.name, role, rank=str(rank),
-                                        user=s.user, launch=attempt),
+                                        user=s.user, launch=attempt,
+                                        **{"idle-minutes": f"{s.idle_minutes:g}"}),
     }
     if key_name:
         args["KeyName"] = key_name
@@ -912,10 +944,20 @@ def status(name: str, region: str | None) -> tuple[Cluster | None, list[dict]]:
              "instance_id": i["InstanceId"], "type": i["InstanceType"],
              "state": i["State"]["Name"], "public_ip": i.get("PublicIpAddress", "-"),
              "private_ip": i.get("PrivateIpAddress", "-"),
-             "zone": i.get("Placement", {}).get("AvailabilityZone", "-")} for i in found]
+             "zone": i.get("Placement", {}).get("AvailabilityZone", "-"),
+             "idle_minutes": _idle_minutes(tags_of(i)), "launch_time": i["LaunchTime"]}
+            for i in found]
     live = [i for i in found if i["State"]["Name"] in ("pending", "running")]
     return (to_cluster(name, region, live) if live else None), sorted(rows,
                                                                        key=lambda r: r["rank"])
+
+
+def _idle_minutes(tags: dict[str, str]) -> float | None:
+    """The autostop limit an instance was launched with (None: launched before the tag)."""
+    try:
+        return float(tags[TAG_IDLE])
+    except (KeyError, ValueError):
+        return None
 
 
 def orphans(ec2: Any, now: datetime) -> dict[str, list[tuple[str, str]]]:
@@ -988,8 +1030,9 @@ def build_ami(region: str | None, install: Callable[[Cluster, Progress], None], 
     whatever happens (Ctrl-C included)."""
     ec2, region = client(region)
     builder = f"ami-{uuid.uuid4().hex[:8]}"
+    # no autostop: its watchdog must not halt the builder while the image is made
     spec = ClusterSpec(name=builder, workers=0, region=region, instance_type=instance_type,
-                       ssh_cidr=ssh_cidr or caller_cidr(), max_hours=2.0)
+                       ssh_cidr=ssh_cidr or caller_cidr(), max_hours=2.0, idle_minutes=0.0)
     with aws_errors("checking the builder"):
         plan = make_plan(ec2, replace(spec, ami=base_ami), region)
         if base_ami is None:

@@ -14,7 +14,8 @@ private_address = "192.168.1.5" # optional: how the other hosts reach it (defaul
 ``up`` validates the file (``ConfigError(key, why)`` naming e.g. ``host[2].port``), checks
 that every host answers over SSH (pinning its host key into the cluster's known_hosts),
 and saves a ``Cluster`` with provider ``"hosts"``. ``down`` stops relufit's processes on
-the hosts and forgets the cluster locally; the machines themselves are left alone.
+the hosts (autostop's watchdog too) and forgets the cluster locally; the machines
+themselves are left alone.
 """
 
 from __future__ import annotations
@@ -170,18 +171,21 @@ def up(name: str, hosts_file: str | Path, progress: Progress = lambda line: None
 
 
 def down(name: str, progress: Progress = lambda line: None) -> bool:
-    """Stop relufit's processes on the hosts (best effort) and forget the cluster here."""
-    from orchestrator import remote
+    """Stop relufit's processes on the hosts, autostop's watchdog included (best effort), and
+    forget the cluster here."""
+    from orchestrator import autostop, remote
 
     c = model.read_cluster(name)
     if c is None:
         return False
     if c.provider != "hosts":
         raise RelufitError(f"cluster {name!r} is a {c.provider} cluster, not hosts")
-    try:
-        remote.stop(c, None, progress)
-    except RelufitError as e:
-        progress(f"could not stop processes on every host ({e}); forgetting the cluster anyway")
+    for stop in (lambda: autostop.disarm(c, progress), lambda: remote.stop(c, None, progress)):
+        try:  # each on every host it reaches, whatever the other did
+            stop()
+        except RelufitError as e:
+            progress(f"could not stop processes on every host ({e}); forgetting the cluster "
+                     "anyway")
     model.remove_cluster_state(name)
     progress(f"forgot hosts cluster {name} (the machines are untouched)")
     return True
