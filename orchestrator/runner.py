@@ -27,7 +27,9 @@ def describe(trial: Trial) -> str:
         " ".join(f"{k}.{x}={y}" for x, y in v.items()) if isinstance(v, dict) else f"{k}={v}"
         for k, v in trial.params.items()
     )
-    return f"d={s.d} n={s.n} M={s.workers} {s.topology} {comp}" + (f" [{swept}]" if swept else "")
+    lr = f"lr={s.lr:.4g}" + (f" ({trial.lr_rule})" if trial.lr_rule != "fixed" else "")
+    return (f"d={s.d} n={s.n} M={s.workers} {s.topology} {comp} {lr}"
+            + (f" [{swept}]" if swept else ""))
 
 
 class _RoundPrinter:
@@ -100,7 +102,7 @@ def run_experiment(
 def _record(
     writer: RunWriter, trial: Trial, res: TrialResult, progress: Progress, label: str
 ) -> None:
-    writer.trial_done(trial.index, trial.params, trial.spec.to_dict(), res)
+    writer.trial_done(trial.index, trial.params, trial.spec.to_dict(), res, trial.lr_rule)
     mb = (res.total_bytes_up + res.total_bytes_down + res.total_bytes_peer) / 1e6
     line = (
         f"{label}: {res.status} after {res.rounds} rounds, rel_error {res.final_rel_error:.3e},"
