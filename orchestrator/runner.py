@@ -14,15 +14,20 @@ from orchestrator.config import Experiment, Trial
 from orchestrator.errors import INTERRUPT_REQUESTED
 from orchestrator.results import RunWriter, new_run_id
 from orchestrator.trial import RoundRow, TrialInterrupted, TrialResult, WorkerPool, run_trial
+from worker.node import TrialSpec
 
 Progress = Callable[[str], None]
 
 
+def compression(s: TrialSpec) -> str:
+    """``fp32`` or ``qsgd s=4 elias b=16``."""
+    comp = "fp32" if s.scheme == "none" else f"qsgd s={s.levels} {s.coding}"
+    return comp + (f" b={s.bucket_size}" if s.scheme == "qsgd" and s.bucket_size else "")
+
+
 def describe(trial: Trial) -> str:
     s = trial.spec
-    comp = "fp32" if s.scheme == "none" else f"qsgd s={s.levels} {s.coding}"
-    if s.scheme == "qsgd" and s.bucket_size:
-        comp += f" b={s.bucket_size}"
+    comp = compression(s)
     swept = " ".join(
         " ".join(f"{k}.{x}={y}" for x, y in v.items()) if isinstance(v, dict) else f"{k}={v}"
         for k, v in trial.params.items()
