@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestrator.providers.netns import parse_rate
+from orchestrator.rates import parse_rate
 from orchestrator.results import load_run
 
 SETTINGS = {

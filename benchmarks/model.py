@@ -48,6 +48,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from orchestrator.rates import PRESETS as LINKS  # noqa: E402
+from orchestrator.rates import parse_rate  # noqa: E402
 from worker import qsgd  # noqa: E402
 
 PARAMS = ("fixed_ms", "alpha_ms", "kappa", "gamma_ns", "call_us", "delta_ns", "draw_ns")
@@ -109,8 +111,6 @@ def nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def rate_of(link: str) -> float:
-    from orchestrator.providers.netns import parse_rate
-
     return float(parse_rate(link))
 
 
@@ -127,8 +127,6 @@ def rounds_for(rows: list[dict], topology: str, setting: str, m: int, d: int) ->
 
 
 def predict(x: np.ndarray, rows: list[dict], batch: int) -> list[dict]:
-    from orchestrator.providers.netns import PRESETS as LINKS
-
     out = []
     for preset, d, topo, setting in itertools.product(
             PRESETS, (10_000, 1_000_000), TOPOLOGIES, ("fp32", "s15b128fixed")):

@@ -48,6 +48,7 @@ import numpy as np
 
 from orchestrator.errors import RunError
 from orchestrator.providers import netns
+from orchestrator.rates import format_rate
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -223,7 +224,7 @@ def run_mpi(cluster_name: str, d: int, n: int, batch: int, lr: float, rounds: in
             raise RunError(f"mpi baseline: mpirun {why}: {tail}")
         ranks = [json.loads((Path(f"{out}.{r}")).read_text()) for r in range(len(workers))]
     _check_placement(ranks, workers)
-    return {"cluster": cluster_name, "bandwidth": netns.format_rate(c.bandwidth_bps),
+    return {"cluster": cluster_name, "bandwidth": format_rate(c.bandwidth_bps),
             "d": d, "n": n, "batch": batch, "lr": lr, "wait": wait, "target": target, "seed": seed,
             "mpirun": shlex.join(cmd), **summarize(ranks, d, target)}
 

@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bandwidth import SETTINGS, experiment, relufit, setting_name, sweep_toml  # noqa: E402
 from benchmarks.mpi_baseline import ring_bytes  # noqa: E402
-from orchestrator.providers.netns import parse_rate  # noqa: E402
+from orchestrator.rates import parse_rate  # noqa: E402
 from orchestrator.results import load_run  # noqa: E402
 
 WARMUP = 3

@@ -3,7 +3,8 @@
 ``load_experiment(path, overrides)`` returns an ``Experiment`` or raises
 ``ConfigError`` naming the key and why, before anything runs. ``Experiment.trials()``
 expands ``[sweep]`` (the cartesian product of dotted keys, times ``repeats`` seeds)
-into validated ``TrialSpec``s.
+into validated ``TrialSpec``s, with ``train.lr = "auto"`` resolved per trial
+(``orchestrator.stepsize``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from orchestrator import stepsize
 from orchestrator.errors import ConfigError
 from worker.node import CODINGS, SCHEMES, TOPOLOGIES, SpecError, TrialSpec
 
@@ -37,7 +39,7 @@ class Problem:
 class Train:
     rounds: int = 300
     batch_size: int = 32
-    lr: float = 0.5
+    lr: float | str = 0.5  # a positive number, or "auto" (LR_RULES)
     target_rel_error: float = 1e-6
 
 
@@ -67,6 +69,7 @@ SECTIONS: dict[str, type] = {
     "cluster": Cluster,
 }
 ON_WORKER_LOSS = ("continue", "abort")
+LR_RULES = ("auto",)  # train.lr given as a word: the step comes from a rule (stepsize.py)
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,7 @@ class Trial:
     index: int
     params: dict[str, Any]
     spec: TrialSpec
+    lr_rule: str = "fixed"  # "auto": spec.lr was resolved by stepsize.for_spec
 
 
 @dataclass(frozen=True)
@@ -113,7 +117,8 @@ class Experiment:
                                       f" ({_describe(params)}, seed {seed}): a value listed twice,"
                                       " or problem.seed swept less than repeats apart")
                 seen[same] = len(out)
-                out.append(Trial(len(out), params, spec))
+                rule = point.train.lr if isinstance(point.train.lr, str) else "fixed"
+                out.append(Trial(len(out), params, spec, rule))
         return out
 
     def trial_spec(self, index: int, seed: int) -> TrialSpec:
@@ -121,11 +126,15 @@ class Experiment:
         n = round(p.n_ratio * p.d) if p.n_ratio > 0 else p.n
         spec = TrialSpec(
             trial=index, d=p.d, n=n, seed=seed, rounds=t.rounds, batch_size=t.batch_size,
-            lr=t.lr, target_rel_error=t.target_rel_error, scheme=c.scheme, levels=c.levels,
-            coding=c.coding, bucket_size=c.bucket_size, workers=k.workers, topology=k.topology,
+            lr=1.0 if isinstance(t.lr, str) else t.lr, target_rel_error=t.target_rel_error,
+            scheme=c.scheme, levels=c.levels, coding=c.coding, bucket_size=c.bucket_size,
+            workers=k.workers, topology=k.topology,
         )
         try:
-            spec.validate()
+            spec.validate()  # before the rule: it divides by the batch and the workers
+            if t.lr == "auto":
+                spec = replace(spec, lr=stepsize.for_spec(spec))
+                spec.validate()
         except SpecError as e:
             raise ConfigError(f"trial {index}", str(e)) from e
         return spec
@@ -142,7 +151,16 @@ class Experiment:
         lines.append("\n[sweep]")
         lines += [f'"{k}" = {_toml_value(v)}' for k, v in self.sweep.items()]
         lines.append(f"repeats = {self.repeats}")
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines + self._resolved_lr()) + "\n"
+
+    def _resolved_lr(self) -> list[str]:
+        """Comment lines with the step each trial's ``lr = "auto"`` resolved to: the file
+        stays the experiment as given (it resolves again the same way), and says the numbers."""
+        auto = [t for t in self.trials() if t.lr_rule != "fixed"]
+        if not auto:
+            return []
+        return ['\n# train.lr = "auto" resolved per trial (docs/reference.md, "Step size"):',
+                *(f"#   trial {t.index}: lr = {t.spec.lr!r}" for t in auto)]
 
 
 def _describe(params: dict[str, Any]) -> str:
@@ -181,7 +199,8 @@ def _coerce(key: str, value: Any, want: type) -> Any:
     return value
 
 
-_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+# "float | str" is train.lr, whose words (LR_RULES) _check_value takes before the type check
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "float | str": float}
 
 
 def _check_value(key: str, value: Any) -> Any:
@@ -192,6 +211,10 @@ def _check_value(key: str, value: Any) -> Any:
     ftypes = {f.name: f.type for f in fields(SECTIONS[sec])}
     if name not in ftypes:
         raise ConfigError(key, "unknown key" + _suggest(name, list(ftypes)))
+    if key == "train.lr" and isinstance(value, str):
+        if value not in LR_RULES:
+            raise ConfigError(key, f'must be a positive number or "auto", got {value!r}')
+        return value
     value = _coerce(key, value, _TYPES[ftypes[name]])
     choices = {
         "compress.scheme": SCHEMES, "compress.coding": CODINGS,

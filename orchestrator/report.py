@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from orchestrator import rates
 from orchestrator.errors import RelufitError
 from orchestrator.results import flat_params, load_run
 
@@ -177,14 +178,12 @@ def trial_stats(
 
 
 def bandwidth_bps(link: str) -> float | None:
-    """Bits per second of a link such as ``100mbit`` or a netns preset; None if unknown."""
+    """Bits per second of a link such as ``100mbit`` or an instance preset; None if unknown."""
     if not link:
         return None
     try:
-        from orchestrator.providers.netns import parse_rate
-
-        return float(parse_rate(link))
-    except (ImportError, RelufitError):
+        return float(rates.parse_rate(link))
+    except RelufitError:
         return None
 
 

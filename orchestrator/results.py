@@ -57,8 +57,12 @@ class RunWriter:
         self._events.write(f"{stamp}Z {message}\n")
         self._events.flush()
 
-    def trial_done(self, index: int, params: dict[str, Any], spec: dict, res: TrialResult) -> None:
-        entry = {"trial": index, "params": params, "spec": spec, **asdict(res)}
+    def trial_done(self, index: int, params: dict[str, Any], spec: dict, res: TrialResult,
+                   lr_rule: str = "fixed") -> None:
+        """One trial's entry; ``lr`` and ``lr_rule`` ("auto" or "fixed") say where its step
+        came from."""
+        entry = {"trial": index, "params": params, "spec": spec, "lr": spec["lr"],
+                 "lr_rule": lr_rule, **asdict(res)}
         if not res.reason:
             entry.pop("reason")
         self.summary["trials"].append(entry)

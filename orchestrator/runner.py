@@ -16,20 +16,27 @@ from orchestrator.config import Experiment, Trial
 from orchestrator.errors import INTERRUPT_REQUESTED
 from orchestrator.results import RunWriter, new_run_id
 from orchestrator.trial import RoundRow, TrialInterrupted, TrialResult, WorkerPool, run_trial
+from worker.node import TrialSpec
 
 Progress = Callable[[str], None]
 
 
+def compression(s: TrialSpec) -> str:
+    """``fp32`` or ``qsgd s=4 elias b=16``."""
+    comp = "fp32" if s.scheme == "none" else f"qsgd s={s.levels} {s.coding}"
+    return comp + (f" b={s.bucket_size}" if s.scheme == "qsgd" and s.bucket_size else "")
+
+
 def describe(trial: Trial) -> str:
     s = trial.spec
-    comp = "fp32" if s.scheme == "none" else f"qsgd s={s.levels} {s.coding}"
-    if s.scheme == "qsgd" and s.bucket_size:
-        comp += f" b={s.bucket_size}"
+    comp = compression(s)
     swept = " ".join(
         " ".join(f"{k}.{x}={y}" for x, y in v.items()) if isinstance(v, dict) else f"{k}={v}"
         for k, v in trial.params.items()
     )
-    return f"d={s.d} n={s.n} M={s.workers} {s.topology} {comp}" + (f" [{swept}]" if swept else "")
+    lr = f"lr={s.lr:.4g}" + (f" ({trial.lr_rule})" if trial.lr_rule != "fixed" else "")
+    return (f"d={s.d} n={s.n} M={s.workers} {s.topology} {comp} {lr}"
+            + (f" [{swept}]" if swept else ""))
 
 
 class _RoundPrinter:
@@ -127,7 +134,7 @@ def run_experiment(
 def _record(
     writer: RunWriter, trial: Trial, res: TrialResult, progress: Progress, label: str
 ) -> None:
-    writer.trial_done(trial.index, trial.params, trial.spec.to_dict(), res)
+    writer.trial_done(trial.index, trial.params, trial.spec.to_dict(), res, trial.lr_rule)
     mb = (res.total_bytes_up + res.total_bytes_down + res.total_bytes_peer) / 1e6
     line = (
         f"{label}: {res.status} after {res.rounds} rounds, rel_error {res.final_rel_error:.3e},"

@@ -1,4 +1,5 @@
-"""Emulated hosts (providers/netns.py): rates and names, up/down, SSH, homes, shaping, kill -9."""
+"""Emulated hosts (providers/netns.py): names, up/down, SSH, homes, shaping, kill -9 (link
+rates are tests/test_rates.py)."""
 
 from __future__ import annotations
 
@@ -17,34 +18,7 @@ import pytest
 from orchestrator.errors import ConfigError, RunError
 from orchestrator.providers import netns
 
-# ----------------------------------------------------------------- pure: rates and names
-
-
-@pytest.mark.parametrize("text, bps", [
-    ("100mbit", 100_000_000), ("1gbit", 10**9), ("10gbit", 10**10), ("2.5gbit", 2_500_000_000),
-    ("500kbit", 500_000), ("20Mbit/s", 20_000_000), ("c5.large", 10**10),
-    ("c5n.large", 25 * 10**9), ("c5.large-baseline", 750_000_000),
-])
-def test_parse_rate(text, bps):
-    assert netns.parse_rate(text) == bps
-
-
-@pytest.mark.parametrize("text", ["fast", "100", "100mb", "100mbps", "-1gbit", "1bit", "c9.huge"])
-def test_parse_rate_rejects_with_the_key(text):
-    with pytest.raises(ConfigError, match="--bandwidth"):
-        netns.parse_rate(text)
-
-
-def test_format_rate_round_trips():
-    for text in ("100mbit", "1gbit", "10gbit", "750mbit", "512mbit"):
-        assert netns.format_rate(netns.parse_rate(text)) == text
-    assert netns.format_rate(None) == "unshaped"
-
-
-def test_every_preset_is_documented():
-    for p in netns.PRESETS.values():
-        assert p.bits_per_s >= 100_000_000 and p.aws_label and p.note
-        assert netns.parse_rate(p.name) == p.bits_per_s
+# ----------------------------------------------------------------- pure: names
 
 
 def test_names_fit_linux_and_never_match_another_cluster():

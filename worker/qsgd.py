@@ -1,7 +1,7 @@
 """QSGD: stochastic quantization and its two codecs. Pure numpy, no I/O.
 
 ``quantize(v, levels, rng, bucket_size)`` draws ``Q_s(v)`` (Alistarh et al. 2017, see
-REFERENCE.md) per bucket; ``encode``/``decode`` turn it into a self-describing payload and
+docs/reference.md) per bucket; ``encode``/``decode`` turn it into a self-describing payload and
 back, exactly; ``dequantize`` gives ``norm_b * signed_level / s`` in float64.
 
 Payload layout (all integers little-endian)::
