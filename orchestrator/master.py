@@ -423,6 +423,9 @@ class ZmqPool:
                                 f"{msg.get('round')} from worker {w.rank}")
         payload = msg.payloads[0]
         if spec.topology == "allreduce":  # the mean of the chunk it owns (b"": none)
+            if msg.get("epoch") != self.epoch:  # a round cut short and planned again
+                raise ProtocolError(f"GRADIENT of plan {msg.get('epoch')} from worker "
+                                    f"{w.rank}; the plan is {self.epoch}")
             lo, hi = rnd.bounds[w.rank]
             if hi == lo:
                 if protocol.frame_bytes(payload):

@@ -44,7 +44,7 @@ def test_padded_headers_have_a_fixed_size_and_still_parse():
                 encode_s=0.0, apply_s=0.0, bytes_peer=0)
     b = p.build(p.GRADIENT, [b"x"], pad=p.GRADIENT_HEADER, trial=999, round=999999,
                 compute_s=p.seconds(99.99999912345), encode_s=p.seconds(98.7654321987),
-                apply_s=p.seconds(97.5555555555), bytes_peer=99_999_999_999)
+                apply_s=p.seconds(97.5555555555), bytes_peer=99_999_999_999, epoch=99)
     assert len(a[0]) == len(b[0]) == p.GRADIENT_HEADER
     assert roundtrip(b).header["round"] == 999999
     assert roundtrip(b).header["compute_s"] == 99.999999
@@ -103,6 +103,10 @@ MALFORMED = [
     [hdr(v=p.VERSION, type="TRIAL", trial=0, spec={}, peers=["ipc:///tmp/x"])],
     [hdr(v=p.VERSION, type="TRIAL", trial=0, spec={}, peers=["tcp://" + "h" * 400])],
     [hdr(v=p.VERSION, type="ROUND", trial=0, round=1, ranks=[0, 1], epoch=-1)],
+    [hdr(v=p.VERSION, type="ROUND", trial=0, round=1, epoch="1")],  # no ranks: no crash
+    [hdr(v=p.VERSION, type="ROUND", trial=0, round=1, epoch=[1])],
+    [hdr(v=p.VERSION, type="GRADIENT", trial=0, round=0, compute_s=0, encode_s=0, apply_s=0,
+         bytes_peer=0, epoch="0"), b"x"],
     [hdr(v=p.VERSION, type="PART", trial=0, round=1, epoch=0, rank=0)],  # no payload
     [hdr(v=p.VERSION, type="PART", trial=0, round=1, epoch=0), b"x"],  # no rank
     [hdr(v=p.VERSION, type="MEAN", trial=0, round=1, epoch=-1, rank=0), b"x"],

@@ -489,7 +489,7 @@ class Agent:
         ar.phase = "means"
         timing = {k: protocol.seconds(ar.stats[k]) for k in ("compute_s", "encode_s", "apply_s")}
         self._send(protocol.build(protocol.GRADIENT, [mean], pad=protocol.GRADIENT_HEADER,
-                                  trial=self.spec.trial, round=ar.round,
+                                  trial=self.spec.trial, round=ar.round, epoch=ar.epoch,
                                   bytes_peer=ar.stats["bytes_peer"], **timing))
 
     def _heartbeat(self, now: float) -> None:

@@ -20,7 +20,7 @@ Conversation (master M, agent A):
                                                      allreduce: nothing, or when the chunks are
                                                      (re)planned the members (ranks) and a new
                                                      epoch, with [float64 weights] after a loss
-    A -> M  GRADIENT   {trial, round, compute_s, encode_s, apply_s, bytes_peer}
+    A -> M  GRADIENT   {trial, round, compute_s, encode_s, apply_s, bytes_peer, epoch?}
                                                      [encoded gradient]; allreduce: [our mean
                                                      chunk] (b"" when our chunk is empty)
     both    HEARTBEAT  {}                            on the heartbeat connection (below);
@@ -66,7 +66,7 @@ MAX_RANKS = 4096
 MAX_MESSAGE = 400  # characters of an ERROR message kept
 # GRADIENT and ps ROUND headers are padded with spaces (valid JSON whitespace) to a fixed
 # size, so a round's framing overhead is a constant: bytes_up = payloads + M * GRADIENT_HEADER.
-GRADIENT_HEADER = 144  # fits trial 999, round 999999, times < 100 s (``seconds``), 1e11 bytes
+GRADIENT_HEADER = 152  # fits trial 999, round 999999, epoch 99, times < 100 s, 1e11 bytes
 ROUND_HEADER = 96
 PEER_HEADER = 96  # PART and MEAN, likewise: bytes_peer = payloads + PEER_HEADER per message
 
@@ -198,9 +198,9 @@ def _check_extras(type_: str, header: dict[str, Any], n_payloads: int) -> None:
             if header[key] < 0:
                 raise ProtocolError(f"GRADIENT {key} must be >= 0")
     if type_ in (TRIAL, READY, ROUND, GRADIENT, PART, MEAN):
-        for key in ("trial", "round", "epoch", "rank"):
-            if key in header and header[key] < 0:
-                raise ProtocolError(f"{type_} {key} must be >= 0")
+        for key in ("trial", "round", "epoch", "rank"):  # some are optional: check the type
+            if key in header and not (_is_int(header[key]) and header[key] >= 0):
+                raise ProtocolError(f"{type_} {key} must be an integer >= 0")
 
 
 def _check_peer_address(header: dict[str, Any]) -> None:
