@@ -9,8 +9,9 @@ cell, rounds x workers x (a gradient + coding), is about (1 + beta) d / B whatev
 d = 5000, B = 1, s = 2 needs ~1e7 rounds, hours of sim; the d = 5000 QSGD cells together
 need days. CI runs all 36 cells of d = 50, every other cell whose predicted cost
 (``_cost_s``) is at most GRID_CAP_S (21 of d = 500), and one float32 cell at d = 5000
-(~1 min) so that every d runs: 58 cells, ~13 min on this 2-core machine under a load of 8,
-a few minutes unloaded. ``RELUFIT_LR_GRID=full`` runs all 108.
+(~20 s) so that every d runs: 58 cells, 2 min on this 2-core machine at a load of 2 (the
+slow tests here all together; ~10 min under a load of 8). ``RELUFIT_LR_GRID=full`` runs all
+108.
 Data: fresh samples every round (n = 0), the setting the rule is derived for exactly, and
 no n x d matrix (n/d = 40 at d = 5000 would be 8 GB); finite n is tested on its own below.
 Budget: twice the rounds the bound predicts, plus 20 (sim took 0.66-1.1x the prediction).
