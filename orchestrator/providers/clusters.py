@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from orchestrator import pricing
+from orchestrator import pricing, rates
 from orchestrator.cluster import (
     DEFAULT_IDLE_MINUTES,
     Cluster,
@@ -94,7 +94,7 @@ def _netns_request(flags: dict[str, Any], bandwidth: str | None,
     netns.names_for(flags["name"])
     for key, rate in (("--bandwidth", bandwidth), ("--master-bandwidth", master_bandwidth)):
         if rate:
-            netns.parse_rate(rate, key)
+            rates.parse_rate(rate, key)
     return UpRequest("netns", flags["name"], flags["workers"] or 2, bandwidth=bandwidth,
                      master_bandwidth=master_bandwidth)
 
