@@ -219,12 +219,11 @@ class ZmqPool:
         rnd = _Round(spec.trial, round_, set(ranks))
         rnd.bounds = dict(zip(ranks, node.chunk_bounds(spec, len(ranks)), strict=True))
         self.round = rnd
-        bytes_down = 0
+        frames = protocol.build(protocol.ROUND, payloads, pad=protocol.ROUND_HEADER,
+                                trial=spec.trial, round=round_, **fields)  # the same for all
         for m in members:
-            frames = protocol.build(protocol.ROUND, payloads, pad=protocol.ROUND_HEADER,
-                                    trial=spec.trial, round=round_, **fields)
             self._send(m, frames)
-            bytes_down += sum(protocol.frame_bytes(f) for f in frames)
+        bytes_down = len(members) * sum(protocol.frame_bytes(f) for f in frames)
         while rnd.pending:
             self._pump()
             if any(m.lost for m in members):

@@ -400,9 +400,9 @@ class Agent:
             elif round_ > 0:
                 raise ProtocolError("allreduce re-plan after round 0 without the weights")
             inbox = {k: v for k, v in ar.inbox.items() if k[0] == epoch}
-            self.ar = ar = _Allreduce(epoch=epoch, members=list(ranks), inbox=inbox,
+            self.ar = ar = _Allreduce(epoch=epoch, members=list(ranks),
+                                      bounds=node.chunk_bounds(spec, len(ranks)), inbox=inbox,
                                       start=(round_, weights))
-            ar.bounds = node.chunk_bounds(spec, len(ranks))
         self.next_round = round_ + 1
         self._advance()
 
@@ -436,8 +436,7 @@ class Agent:
                 if any(o != self.rank and hi > lo and o not in means
                        for o, (lo, hi) in zip(ar.members, ar.bounds, strict=True)):
                     return  # last round's means are not all here yet
-                relayed = [None if o == self.rank and hi > lo else means.get(o, b"")
-                           for o, (lo, hi) in zip(ar.members, ar.bounds, strict=True)]
+                relayed = [None if o == self.rank else means.get(o, b"") for o in ar.members]
             ar.inbox.pop((ar.epoch, ar.round), None)
             ar.round, ar.start, ar.phase = round_, None, "scatter"
             key, members = (spec.trial, ar.epoch, round_), list(ar.members)

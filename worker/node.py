@@ -308,13 +308,16 @@ class WorkerNode:
         """allreduce, phase 1: the mini-batch gradient at ``w``, cut into one chunk per member
         (``chunk_bounds``), each quantized in chunk order with our own generator and encoded;
         part j goes to ``members[j]`` (b"" for an empty chunk). We keep our own part's vector,
-        so we never decode it. The StepResult's payload is unused (b"")."""
+        so we never decode it (nor, when our chunk is empty, wait for a mean of ours). The
+        StepResult's payload is unused (b"")."""
         t0 = time.perf_counter()
         g = self.gradient(w, round_)
         t1 = time.perf_counter()
         parts: list[bytes] = []
         for (lo, hi), owner in zip(chunk_bounds(self.spec, len(members)), members, strict=True):
             if hi == lo:
+                if owner == self.rank:  # nothing to reduce: our mean chunk is empty
+                    self.own_mean = np.empty(0)
                 parts.append(b"")
                 continue
             cs = chunk_spec(self.spec, lo, hi)
