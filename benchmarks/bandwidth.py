@@ -357,15 +357,22 @@ def report_saved(args: argparse.Namespace) -> None:
     report(rows, args)
 
 
+def floor_figures(args: argparse.Namespace, workers: int, setting: str, out: Path,
+                  *extra: str, quiet: bool = False) -> dict:
+    """benchmarks/floor.py at --d, --n and --batch with ``workers`` and ``setting``: its JSON
+    (``all_s``: the medians in seconds per kind of work)."""
+    subprocess.run([sys.executable, str(Path(__file__).with_name("floor.py")), "--d", str(args.d),
+                    "--n", str(args.n), "--batch", str(args.batch), "--workers", str(workers),
+                    "--setting", setting, "--json", str(out), *extra], check=True,
+                   capture_output=quiet)
+    return json.loads(out.read_text())
+
+
 def run_floor(args: argparse.Namespace, tmp: Path) -> dict:
     """benchmarks/floor.py at the grid's size, with its first QSGD setting: one row."""
     qsgd = next((s for s in args.settings.split(",") if s != "fp32"), "s15b128fixed")
-    out = tmp / "floor.json"
-    subprocess.run([sys.executable, str(Path(__file__).with_name("floor.py")), "--d", str(args.d),
-                    "--n", str(args.n), "--batch", str(args.batch), "--workers",
-                    str(args.workers), "--setting", qsgd, "--json", str(out)], check=True)
     return {"link": "-", "d": args.d, "topology": "floor", "setting": qsgd,
-            **json.loads(out.read_text())}
+            **floor_figures(args, args.workers, qsgd, tmp / "floor.json")}
 
 
 def floor_verdict(rows: list[dict], floor: dict) -> list[str]:

@@ -46,7 +46,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bandwidth import SETTINGS, experiment, relufit, setting_name, sweep_toml  # noqa: E402
+from benchmarks.bandwidth import (  # noqa: E402
+    SETTINGS,
+    experiment,
+    floor_figures,
+    relufit,
+    setting_name,
+    sweep_toml,
+)
 from benchmarks.mpi_baseline import ring_bytes  # noqa: E402
 from orchestrator.rates import parse_rate  # noqa: E402
 from orchestrator.results import load_run  # noqa: E402
@@ -174,12 +181,9 @@ def lr_at(args: argparse.Namespace, m: int) -> float:
 
 def floor_ms(args: argparse.Namespace, m: int, tmp: Path) -> dict:
     """benchmarks/floor.py at M workers (no cluster up): gradient, + encode, + decode 1."""
-    out = tmp / f"floor{m}.json"
-    subprocess.run([sys.executable, str(Path(__file__).with_name("floor.py")), "--d",
-                    str(args.d), "--n", str(args.n), "--batch", str(args.batch), "--workers",
-                    str(m), "--rounds", "150", "--repeats", "3", "--setting", "s15b128fixed",
-                    "--json", str(out)], check=True, capture_output=True)
-    return {k: 1e3 * v for k, v in json.loads(out.read_text())["all_s"].items()}
+    figures = floor_figures(args, m, "s15b128fixed", tmp / f"floor{m}.json", "--rounds", "150",
+                            "--repeats", "3", quiet=True)
+    return {k: 1e3 * v for k, v in figures["all_s"].items()}
 
 
 def run_link(link: str, args: argparse.Namespace, tmp: Path, sims: dict,
