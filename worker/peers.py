@@ -83,13 +83,10 @@ class Peers:
         except BaseException:
             self.close()
             raise
-        self.rank: int | None = None
-        self.sent_bytes = 0
 
     def connect(self, rank: int, peers: list[str | None]) -> None:
         """DEALERs to every other rank with an endpoint; kept across trials while the
         endpoint is the same."""
-        self.rank = rank
         for r, endpoint in enumerate(peers):
             if r == rank or endpoint is None:
                 continue
