@@ -8,6 +8,7 @@ Sections below are owned by areas of the code base; add commands inside your sec
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 
 import click
 
@@ -71,10 +72,14 @@ def echo_json(record: object) -> None:
 
 
 @cli.command()
-@click.argument("experiment_file", type=click.Path(dir_okay=False))
+@click.argument("experiment_file", type=click.Path(dir_okay=False), required=False)
 @click.option("--backend", "-b", default=None, help="sim or local (default: local).")
 @overrides_option
 @out_option
+@click.option("--resume", default=None, metavar="RUN_DIR", type=click.Path(file_okay=False),
+              help="Go on with this interrupted or failed run: its completed trials are kept, "
+                   "the others go on from their last checkpoint. EXPERIMENT_FILE, when given, "
+                   "must be the run's experiment.")
 @click.option("--bind", default="tcp://0.0.0.0:5555", hidden=True,
               help="listen backend: the master's address; agents connect to it.")
 @click.option("--curve-dir", default=None, hidden=True, type=click.Path(file_okay=False),
@@ -82,31 +87,54 @@ def echo_json(record: object) -> None:
 @click.option("--cluster", "cluster_name", default=None, metavar="NAME",
               help="Run on cluster NAME (`relufit cluster up`; then `relufit deploy NAME`).")
 @json_option
-def run(experiment_file: str, backend: str | None, overrides: tuple[str, ...], out: str,
-        bind: str, curve_dir: str | None, cluster_name: str | None, as_json: bool) -> None:
-    """Run EXPERIMENT_FILE (TOML): every trial of its sweep, written to OUT/<run-id>/."""
-    from orchestrator.config import load_experiment
+def run(experiment_file: str | None, backend: str | None, overrides: tuple[str, ...], out: str,
+        resume: str | None, bind: str, curve_dir: str | None, cluster_name: str | None,
+        as_json: bool) -> None:
+    """Run EXPERIMENT_FILE (TOML): every trial of its sweep, written to OUT/<run-id>/.
+    With --resume RUN_DIR, go on with that run instead (EXPERIMENT_FILE may be left out)."""
     from orchestrator.providers import DEFAULT_BACKEND, open_pool
-    from orchestrator.runner import run_experiment
+    from orchestrator.runner import plan_resume, run_experiment
 
-    exp = load_experiment(experiment_file, list(overrides))
+    exp = _run_experiment_file(experiment_file, overrides, resume)
+    if resume:
+        plan_resume(resume, exp)  # refuse now, before a process is started
     if cluster_name:  # the deploy area: master on node 0, agents on the others
         if backend:
             raise ConfigError("--backend", "not with --cluster: the cluster is the backend")
         from orchestrator.remote import run_on_cluster
 
-        path = run_on_cluster(exp, _find_cluster(cluster_name), out, echo_progress)
+        path = run_on_cluster(exp, _find_cluster(cluster_name), out, echo_progress,
+                              resume=resume)
     else:
         backend = backend or DEFAULT_BACKEND
         options = {"bind": bind, "curve_dir": curve_dir, "progress": echo_progress}
         with open_pool(backend, exp, **(options if backend == "listen" else {})) as pool:
-            path = run_experiment(exp, pool, out, backend, progress=echo_progress)
+            path = run_experiment(exp, pool, out, backend, progress=echo_progress,
+                                  resume=resume)
     if as_json:
         from orchestrator.results import run_record
 
         echo_json(run_record(path))
     else:
         click.echo(str(path))
+def _run_experiment_file(experiment_file: str | None, overrides: tuple[str, ...],
+                         resume: str | None):
+    """The experiment `run` runs: the file given, or with --resume alone the run's own."""
+    from orchestrator.config import load_experiment
+
+    if experiment_file is None:
+        if resume is None:
+            raise ConfigError("EXPERIMENT_FILE", "missing: `relufit run EXPERIMENT_FILE`, or "
+                              "`relufit run --resume RUN_DIR` to go on with a run")
+        if overrides:
+            raise ConfigError("--set", "not with --resume alone: the run's experiment is kept")
+        run_toml = Path(resume) / "experiment.toml"
+        if not run_toml.is_file():
+            raise ConfigError(str(resume), "not a relufit run directory (no experiment.toml)")
+        return load_experiment(run_toml)  # it names its experiment
+    return load_experiment(experiment_file, list(overrides))
+
+
 # ---------------------------------------------------------------- agent (engine)
 
 
@@ -433,18 +461,22 @@ def ami_build(region: str | None, instance_type: str, base_ami: str | None,
               help="Reuse cluster NAME, which is up (it is never taken down by launch).")
 @cluster_options
 @click.option("--keep", is_flag=True, help="Keep the cluster launch made (default: down).")
+@click.option("--resume", default=None, metavar="RUN_DIR", type=click.Path(file_okay=False),
+              help="Go on with this run of EXPERIMENT_FILE (as `relufit run --resume`).")
 @from_index_option
 @yes_option
 @json_option
 def launch(experiment_file: str, overrides: tuple[str, ...], out: str, reuse: str | None,
-           keep: bool, from_index: bool, yes: bool, as_json: bool, **cluster_flags) -> None:
+           keep: bool, resume: str | None, from_index: bool, yes: bool, as_json: bool,
+           **cluster_flags) -> None:
     """Up, deploy, run, fetch, report, down: EXPERIMENT_FILE on a new cluster (the flags of
     `cluster up`; name and workers default to launch-<hex> and the experiment's workers) or
     on --cluster NAME. Prints the run directory and the report."""
     from orchestrator.launch import launch as launch_all
 
     res = launch_all(experiment_file, list(overrides), reuse=reuse, up_args=cluster_flags,
-                     out=out, keep=keep, from_index=from_index, confirm=_confirm(yes))
+                     out=out, keep=keep, from_index=from_index, confirm=_confirm(yes),
+                     resume=resume)
     if as_json:
         echo_json(res.to_json())
     else:

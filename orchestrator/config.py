@@ -41,6 +41,9 @@ class Train:
     batch_size: int = 32
     lr: float | str = 0.5  # a positive number, or "auto" (LR_RULES)
     target_rel_error: float = 1e-6
+    # a checkpoint every this many rounds (0: about every trial.CHECKPOINT_S seconds), for
+    # `relufit run --resume`
+    checkpoint_rounds: int = 0
 
 
 @dataclass(frozen=True)
@@ -163,6 +166,24 @@ class Experiment:
                 *(f"#   trial {t.index}: lr = {t.spec.lr!r}" for t in auto)]
 
 
+def differences(a: Experiment, b: Experiment) -> list[str]:
+    """The dotted keys on which two experiments differ, each as ``key: A != B``
+    (``name``, ``description``, every section's keys, ``sweep.KEY``, ``sweep.repeats``)."""
+    def flat(e: Experiment) -> dict[str, Any]:
+        out = {"name": e.name, "description": e.description, "sweep.repeats": e.repeats}
+        for sec in SECTIONS:
+            obj = getattr(e, sec)
+            out.update({f"{sec}.{f.name}": getattr(obj, f.name) for f in fields(obj)})
+        out.update({f"sweep.{k}": v for k, v in e.sweep.items()})
+        return out
+
+    fa, fb = flat(a), flat(b)
+    return [f"{k}: {_toml_value(fa[k]) if k in fa else '(none)'} != "
+            f"{_toml_value(fb[k]) if k in fb else '(none)'}"
+            for k in sorted(set(fa) | set(fb)) if fa.get(k, None) != fb.get(k, None)
+            or (k in fa) != (k in fb)]
+
+
 def _describe(params: dict[str, Any]) -> str:
     return ", ".join(f"{k}={_toml_value(v)}" for k, v in params.items()) or "no swept keys"
 
@@ -225,6 +246,7 @@ def _check_value(key: str, value: Any) -> Any:
     minimum = {
         "problem.d": 1, "problem.n": 0, "problem.seed": 0, "problem.n_ratio": 0,
         "train.rounds": 1, "train.batch_size": 1, "train.target_rel_error": 0,
+        "train.checkpoint_rounds": 0,
         "compress.levels": 1, "compress.bucket_size": 0, "cluster.workers": 1,
         "cluster.heartbeat_liveness": 1,
     }

@@ -290,6 +290,22 @@ class Session:
                 count += 1
         return count
 
+    def put_tree(self, local: str | Path, remote: str, skip: tuple[str, ...] = ()) -> int:
+        """Copy the directory ``local`` to ``remote`` (recursively, files 0600, directories
+        0700), leaving out top-level entries named in ``skip``; the number of files."""
+        self.mkdir(remote)
+        count = 0
+        for path in sorted(Path(local).iterdir()):
+            if path.name in skip:
+                continue
+            dst = f"{remote}/{path.name}"
+            if path.is_dir():
+                count += self.put_tree(path, dst)
+            elif path.is_file():
+                self.put(path, dst, 0o600)
+                count += 1
+        return count
+
     def close(self) -> None:
         if self._sftp is not None:
             self._sftp.close()

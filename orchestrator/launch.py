@@ -296,11 +296,14 @@ class _Plan:
 
 
 def _plan(experiment_file: str, overrides: list[str], reuse: str | None,
-          up_args: dict[str, Any]) -> _Plan:
+          up_args: dict[str, Any], resume: str | Path | None = None) -> _Plan:
     """Every check of what the user gave, in the order a user fixes them; nothing is made."""
     from orchestrator.report import check_figures
+    from orchestrator.runner import plan_resume
 
     exp = load_experiment(experiment_file, overrides)
+    if resume is not None:
+        plan_resume(resume, exp)
     given = _flags_given(up_args)
     if reuse and given:
         raise ConfigError(given[0], "not with --cluster, which reuses a cluster that is up")
@@ -314,19 +317,23 @@ def _plan(experiment_file: str, overrides: list[str], reuse: str | None,
 def launch(experiment_file: str, overrides: list[str], *, reuse: str | None,
            up_args: dict[str, Any], out: str | Path = "results", keep: bool = False,
            from_index: bool = False, confirm: Confirm = lambda q: True,
-           display: Display | None = None) -> LaunchResult:
+           display: Display | None = None, resume: str | Path | None = None) -> LaunchResult:
     """Up (unless ``reuse`` names a cluster that is up), deploy, run, fetch, report, and down
     (a cluster launch made, unless ``keep``). ``up_args`` are ``clusters.request``'s
     keywords (the flags of ``cluster up``). Ctrl-C or a failure at any stage keeps what was
-    fetched, removes a cluster launch made (unless ``keep``), and re-raises."""
+    fetched, removes a cluster launch made (unless ``keep``), and re-raises. ``resume``: a
+    local run directory of the experiment to go on with (``relufit run --resume``)."""
     from orchestrator import remote
 
     disp = display or Display()
     INTERRUPT_REQUESTED.clear()  # a request of an earlier command in this process is spent
     try:
-        plan = _plan(experiment_file, overrides, reuse, up_args)
+        plan = _plan(experiment_file, overrides, reuse, up_args, resume)
         usd = plan.state_cost(disp.message)
-        run_id = remote.free_run_id(plan.exp.name, out)
+        if resume is not None:
+            out, run_id = Path(resume).parent, Path(resume).name
+        else:
+            run_id = remote.free_run_id(plan.exp.name, out)
     except BaseException:
         disp.close()
         raise
@@ -338,7 +345,8 @@ def launch(experiment_file: str, overrides: list[str], *, reuse: str | None,
             disp.stage("up")
             cluster = clusters.up(plan.req, confirm=disp.asking(confirm), progress=disp)
             end.made = True
-        dest, report = _deploy_run_report(cluster, plan.exp, out, run_id, from_index, disp)
+        dest, report = _deploy_run_report(cluster, plan.exp, out, run_id, from_index, disp,
+                                          resume)
     except BaseException:
         if (Path(out) / run_id).exists():
             disp.message(f"Kept what was fetched: {Path(out) / run_id}")
@@ -353,14 +361,15 @@ def launch(experiment_file: str, overrides: list[str], *, reuse: str | None,
 
 
 def _deploy_run_report(cluster: Cluster, exp: Experiment, out: str | Path, run_id: str,
-                       from_index: bool, disp: Display) -> tuple[Path, Path]:
+                       from_index: bool, disp: Display,
+                       resume: str | Path | None = None) -> tuple[Path, Path]:
     from orchestrator import deploy, remote
     from orchestrator.report import make_report
 
     disp.stage("deploy")
     deploy.deploy(deploy.targets(cluster), from_index, progress=disp)
     disp.stage("run")
-    dest = remote.run_on_cluster(exp, cluster, out, disp, run_id=run_id)
+    dest = remote.run_on_cluster(exp, cluster, out, disp, run_id=run_id, resume=resume)
     disp.stage("report")
     return dest, make_report([dest]) / "summary.md"
 

@@ -28,7 +28,7 @@ from typing import Any
 import zmq
 
 from orchestrator.errors import RunError
-from orchestrator.trial import Exchange, Reply
+from orchestrator.trial import Checkpoint, Exchange, Reply
 from worker import curve, node, protocol
 from worker.node import TrialSpec
 from worker.protocol import Liveness, ProtocolError, VersionMismatch
@@ -114,6 +114,8 @@ class ZmqPool:
         self.plan: list[int] = []  # allreduce: the ranks the chunks are planned over
         self.epoch = -1  # allreduce: bumped at every (re)plan
         self.dropped = 0
+        self.saving: dict[int, dict] | None = None  # states(): the answers so far
+        self.saving_round = -1
         self.closed = False
         self.processes: list[Any] = []  # agent processes, when a provider started them
 
@@ -147,7 +149,7 @@ class ZmqPool:
         if self.refused:
             raise RunError(self.refused[0])
 
-    def start_trial(self, spec: TrialSpec) -> None:
+    def start_trial(self, spec: TrialSpec, resume: Checkpoint | None = None) -> None:
         if spec.workers > self.workers:
             raise RunError(f"trial {spec.trial} needs {spec.workers} workers, pool has "
                            f"{self.workers}")
@@ -162,11 +164,30 @@ class ZmqPool:
                                "topology needs every agent to listen for its peers")
             fields["peers"] = [None if (w := self.by_rank.get(r)) is None or w.lost else w.peer
                                for r in range(spec.workers)]
+        if resume is not None and spec.topology == "allreduce":  # as the agents take it up
+            self.plan, self.epoch = list(range(spec.workers)), 0
         for w in self._members():
             w.ready = False
-            self._send(w, protocol.build(protocol.TRIAL, trial=spec.trial, **fields))
+            payloads, extra = _resume_fields(resume, w.rank)
+            self._send(w, protocol.build(protocol.TRIAL, payloads, trial=spec.trial, **fields,
+                                         **extra))
         while any(not w.ready for w in self._members()):
             self._pump()
+
+    def states(self, round_: int) -> dict[int, dict]:
+        """Every live member's generator states after ``round_`` (SAVE -> STATE); the ranks
+        lost meanwhile are missing from the answer."""
+        spec = self.spec
+        self.saving = {}
+        frames = protocol.build(protocol.SAVE, trial=spec.trial, round=round_)
+        members = self._members()
+        for w in members:
+            self._send(w, frames)
+        self.saving_round = round_
+        while any(w.rank not in self.saving and not w.lost for w in members):
+            self._pump()
+        states, self.saving = self.saving, None
+        return states
 
     def exchange(self, round_: int, down: Any, relay: list[Reply]) -> Exchange:
         spec = self.spec
@@ -411,6 +432,14 @@ class ZmqPool:
             w.ready = True
         elif t == protocol.GRADIENT:
             self._on_gradient(w, msg)
+        elif t == protocol.STATE:
+            if self.saving is None or (msg.get("trial"), msg.get("round")) != (
+                    self.spec.trial, self.saving_round):
+                raise ProtocolError(f"stale STATE for round {msg.get('round')}")
+            try:
+                self.saving[w.rank] = node.check_states(msg.get("states"))
+            except node.SpecError as e:
+                raise ProtocolError(f"STATE: {e}") from None
         else:
             raise ProtocolError(f"{t} is not a message for the master")
 
@@ -439,6 +468,16 @@ class ZmqPool:
         rnd.busy_s[w.rank] = msg.get("apply_s") + compute_s + encode_s
         rnd.bytes_up += msg.header_bytes + protocol.frame_bytes(payload)
         rnd.bytes_peer += msg.get("bytes_peer")
+
+
+def _resume_fields(resume: Checkpoint | None, rank: int) -> tuple[list[Any], dict[str, Any]]:
+    """TRIAL's payloads and fields that take worker ``rank`` up from a checkpoint: its
+    generators, and the replica and last payload of its own it had (b"": none)."""
+    if resume is None:
+        return [], {}
+    replica = b"" if resume.replica is None else node.encode_weights64(resume.replica)
+    own = next((rep.payload for rep in resume.relay if rep.rank == rank), b"")
+    return [replica, own], {"resume": {"round": resume.round, "states": resume.workers[rank]}}
 
 
 @contextmanager

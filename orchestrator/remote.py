@@ -142,21 +142,38 @@ class RemoteRun:
 
     # -------------------------------------------------------------- start
 
-    def start(self, exp: Experiment, progress: Progress) -> None:
-        """Check the nodes, make the run directory, ship files, start master and agents."""
+    def start(self, exp: Experiment, progress: Progress, resume: Path | None = None) -> None:
+        """Check the nodes, make the run directory, ship files, start master and agents.
+        ``resume``: the local copy of this run, to go on with; node 0's own copy, when it
+        has one, is the one taken up (``run_on_cluster`` fetched it first)."""
         self._check_installed(progress)
         with Session(self.master) as s:  # exclusive: two runs never share a directory
-            rc, out = s.run_rc(f"mkdir -p {RUNS_DIR} && mkdir -m 700 {shlex.quote(self.rdir)}")
+            mkdir = "mkdir -p -m 700" if resume else "mkdir -m 700"
+            rc, out = s.run_rc(f"mkdir -p {RUNS_DIR} && {mkdir} {shlex.quote(self.rdir)}")
             if rc != 0:
                 raise SSHError(self.master.name, f"cannot create {self.rdir}: {out.strip()}")
+            args = []
+            if resume is not None:
+                name = self.remote_out(s)
+                if name is None:  # a cluster that never ran it: the local copy goes up
+                    name = self.run_id
+                    count = s.put_tree(resume, f"{self.rdir}/out/{name}", skip=("nodes",))
+                    progress(f"uploaded {count} file(s) of run {self.run_id} to "
+                             f"{self.master.name}")
+                args = ["--resume", f"out/{name}"]
         self.created = True  # from here on, a failure has something to stop and fetch
         self._ship(exp.to_toml(), _curve_keys(), progress)
         with Session(self.master) as s:
             s.run(spawn_command(self.rdir, "master", [
                 "run", "experiment.toml", "--backend", "listen", "--out", "out",
-                "--bind", f"tcp://0.0.0.0:{self.port}", "--curve-dir", "keys-master"]))
+                "--bind", f"tcp://0.0.0.0:{self.port}", "--curve-dir", "keys-master", *args]))
         progress(f"master started on {self.master.name} (port {self.port})")
         self._spawn_agents(exp.cluster.connect_timeout, progress)
+
+    def remote_out(self, s: Session) -> str | None:
+        """The name of the master's run directory under the run's ``out/`` on node 0."""
+        outs = sorted(s.listdir_sizes(f"{self.rdir}/out"))
+        return outs[0] if outs else None
 
     def _ship(self, experiment: str, keys: dict[str, bytes], progress: Progress) -> None:
         """The experiment to node 0; to each node the CurveZMQ keys its processes need."""
@@ -265,10 +282,10 @@ class RemoteRun:
         ``out/<run-id>/nodes/<rank>/`` (``nodes/master/`` for the master)."""
         dest = Path(out) / self.run_id
         with Session(self.master) as s:
-            outs = sorted(s.listdir_sizes(f"{self.rdir}/out"))
-            count = s.get_tree(f"{self.rdir}/out/{outs[0]}", dest) if outs else 0
+            name = self.remote_out(s)
+            count = s.get_tree(f"{self.rdir}/out/{name}", dest) if name else 0
         self.fetch_logs(dest)
-        if not outs:
+        if not name:
             raise RunError(f"run {self.run_id} wrote no run directory (the master failed "
                            f"before its first trial); see {dest}/nodes/master/master.log")
         progress(f"fetched {count} file(s) and the node logs to {dest}")
@@ -308,18 +325,24 @@ def free_run_id(name: str, out: str | Path) -> str:
 
 def run_on_cluster(exp: Experiment, cluster: Cluster, out: str | Path = "results",
                    progress: Progress = print, port: int = MASTER_PORT,
-                   run_id: str | None = None) -> Path:
+                   run_id: str | None = None, resume: str | Path | None = None) -> Path:
     """Run ``exp`` on ``cluster`` and bring the results home to ``out/<run_id>`` (default: a
     fresh id); the local run directory. Ctrl-C stops the remote processes, fetches what was
-    written, and re-raises."""
+    written, and re-raises. ``resume``: a local run directory to go on with, under the same
+    run id (``_prepare_resume``)."""
     workers = max(t.spec.workers for t in exp.trials())
     port = int(cluster.extra.get("master_port", port))  # a hosts file may choose it
+    if resume is not None:
+        resume = Path(resume)
+        out, run_id = resume.parent, resume.name
     run_id = run_id or free_run_id(exp.name, out)
     rr = RemoteRun(cluster, run_id, workers, port)
+    if resume is not None:
+        _prepare_resume(rr, exp, resume, progress)
     progress(f"run {run_id} on cluster {cluster.name}: master on {rr.master.name}, "
              f"{workers} agent(s) on {len(rr.agent_nodes())} node(s)")
     try:
-        rr.start(exp, progress)
+        rr.start(exp, progress, resume)
         code = rr.follow(progress)
     except Unreachable:
         raise  # nothing to stop or fetch from here
@@ -337,6 +360,24 @@ def run_on_cluster(exp: Experiment, cluster: Cluster, out: str | Path = "results
         raise RunError(f"the master on {rr.master.name} exited with code {code}; "
                        f"see {dest}/nodes/master/master.log")
     return dest
+
+
+def _prepare_resume(rr: RemoteRun, exp: Experiment, resume: Path, progress: Progress) -> None:
+    """Before a run goes on on a cluster: it must not be running there still, and node 0's
+    copy, when there is one, is fetched first: it may be ahead of ours (we stopped
+    following it, and it went on until its master died)."""
+    from orchestrator.runner import plan_resume
+
+    if rr.run_id in running(rr.cluster):
+        raise RunError(f"run {rr.run_id} is still running on cluster {rr.cluster.name}; "
+                       f"`relufit stop {rr.cluster.name} {rr.run_id}` first, or follow it "
+                       f"with `relufit logs -f {rr.cluster.name} {rr.run_id}`")
+    with Session(rr.master) as s:
+        there = rr.remote_out(s) is not None
+    if there:
+        progress(f"fetching run {rr.run_id} from {rr.master.name}: its copy goes on")
+        rr.fetch(resume.parent, progress)
+    plan_resume(resume, exp)  # refuses before anything starts
 
 
 def _stop_and_fetch(rr: RemoteRun, out: str | Path, progress: Progress) -> None:

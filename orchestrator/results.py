@@ -5,11 +5,15 @@ events.log. The writer flushes every row, so nothing completed is lost on a cras
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import os
 import re
 import time
+import zipfile
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -17,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from orchestrator.errors import RelufitError
-from orchestrator.trial import COLUMNS, RoundRow, TrialResult
+from orchestrator.trial import COLUMNS, Checkpoint, Reply, RoundRow, TrialResult
 
 REQUIRED_COLUMNS = ("trial", "round", "elapsed_s", "rel_error", "loss", "bytes_up", "bytes_down")
 
@@ -37,16 +41,49 @@ class RunWriter:
             k += 1
             path = base.with_name(f"{base.name}-{k}")
         path.mkdir(parents=True)
-        self.path = path
-        self.run_id = path.name
         (path / "experiment.toml").write_text(experiment_toml)
-        self._metrics = open(path / "metrics.csv", "w", newline="")
+        _replace_text(path / "metrics.csv", _csv_text([list(COLUMNS)]))
+        self._open(path, {"run_id": path.name, **meta, "trials": []})
+
+    @classmethod
+    def reopen(cls, path: str | Path, keep: Callable[[int, int], bool],
+               kept_trials: set[int]) -> RunWriter:
+        """Go on writing run directory ``path`` (``relufit run --resume``): only the metrics
+        rows ``keep(trial, round)`` allows and the summary entries of ``kept_trials`` stay;
+        both files are rewritten atomically first."""
+        path = Path(path)
+        summary = read_summary(path)
+        with open(path / "metrics.csv", newline="") as f:
+            rows = list(csv.reader(f))
+        if not rows or tuple(rows[0]) != COLUMNS:
+            raise RelufitError(f"{path}/metrics.csv is not this relufit's metrics file")
+        body = [r for r in rows[1:] if len(r) == len(COLUMNS) and keep(int(r[0]), int(r[1]))]
+        _replace_text(path / "metrics.csv", _csv_text([rows[0], *body]))
+        summary.pop("status", None)
+        summary["trials"] = [t for t in summary["trials"] if t["trial"] in kept_trials]
+        summary["resumed"] = summary.get("resumed", 0) + 1
+        writer = cls.__new__(cls)
+        writer._open(path, summary)
+        return writer
+
+    def _open(self, path: Path, summary: dict[str, Any]) -> None:
+        self.path, self.run_id = path, path.name
+        self._metrics = open(path / "metrics.csv", "a", newline="")
         self._csv = csv.writer(self._metrics)
-        self._csv.writerow(COLUMNS)
-        self._metrics.flush()
         self._events = open(path / "events.log", "a")
-        self.summary: dict[str, Any] = {"run_id": self.run_id, **meta, "trials": []}
+        self.summary = summary
         self._write_summary()
+
+    def checkpoint(self, ckpt: Checkpoint) -> None:
+        """Keep ``ckpt`` as its trial's checkpoint (atomically: a crash mid-write leaves the
+        previous one)."""
+        write_checkpoint(self.path, ckpt)
+
+    def drop_checkpoint(self, trial: int) -> None:
+        """The trial is over for good: its checkpoint is of no more use."""
+        checkpoint_path(self.path, trial).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # not empty: other trials' are kept
+            (self.path / CHECKPOINTS).rmdir()
 
     def row(self, r: RoundRow) -> None:
         self._csv.writerow(_fmt(v) for v in asdict(r).values())
@@ -60,17 +97,26 @@ class RunWriter:
     def trial_done(self, index: int, params: dict[str, Any], spec: dict, res: TrialResult,
                    lr_rule: str = "fixed") -> None:
         """One trial's entry; ``lr`` and ``lr_rule`` ("auto" or "fixed") say where its step
-        came from."""
+        came from. Entries stay in trial order, also when a resumed run fills a gap."""
         entry = {"trial": index, "params": params, "spec": spec, "lr": spec["lr"],
                  "lr_rule": lr_rule, **asdict(res)}
         if not res.reason:
             entry.pop("reason")
-        self.summary["trials"].append(entry)
+        trials = [t for t in self.summary["trials"] if t["trial"] != index] + [entry]
+        self.summary["trials"] = sorted(trials, key=lambda t: t["trial"])
         self._write_summary()
 
     def finish(self, status: str) -> None:
         self.summary["status"] = status
         self._write_summary()
+        if self.summary.get("resumed"):  # a trial run again after later ones: back in order
+            self._metrics.close()
+            with open(self.path / "metrics.csv", newline="") as f:
+                header, *body = list(csv.reader(f))
+            body.sort(key=lambda r: (int(r[0]), int(r[1])))
+            _replace_text(self.path / "metrics.csv", _csv_text([header, *body]))
+            self._metrics = open(self.path / "metrics.csv", "a", newline="")
+            self._csv = csv.writer(self._metrics)
 
     def _write_summary(self) -> None:
         tmp = self.path / "summary.json.tmp"
@@ -86,6 +132,20 @@ class RunWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _csv_text(rows: list[list[str]]) -> str:
+    buf = io.StringIO(newline="")
+    csv.writer(buf).writerows(rows)
+    return buf.getvalue()
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def _fmt(v: Any) -> str:
@@ -223,3 +283,68 @@ def _planned(experiment: str, index: int) -> dict[str, Any]:
         return {"params": trials[index].params, "spec": trials[index].spec.to_dict()}
     except (RelufitError, tomllib.TOMLDecodeError, IndexError):
         return {}
+
+
+# ---------------------------------------------------------------- checkpoints
+#
+# ``checkpoints/trial-<k>.npz`` in the run directory: arrays only (np.load with
+# allow_pickle=False reads it back), the small things as JSON in the "meta" array.
+
+CHECKPOINTS = "checkpoints"
+CHECKPOINT_VERSION = 1
+
+
+def checkpoint_path(run: str | Path, trial: int) -> Path:
+    return Path(run) / CHECKPOINTS / f"trial-{trial}.npz"
+
+
+def write_checkpoint(run: str | Path, ckpt: Checkpoint) -> Path:
+    """Save ``ckpt`` as its trial's checkpoint: written beside, synced, then renamed over
+    the last one, so the file is always one whole checkpoint."""
+    meta = {"version": CHECKPOINT_VERSION, "trial": ckpt.trial, "round": ckpt.round,
+            "workers": {str(r): st for r, st in ckpt.workers.items()},
+            "relay_ranks": [rep.rank for rep in ckpt.relay], "down_rng": ckpt.down_rng,
+            "totals": ckpt.totals, "elapsed_s": ckpt.elapsed_s}
+    arrays = {"meta": _u8(json.dumps(meta).encode()), "w": ckpt.w, "update": _u8(ckpt.update),
+              **{f"relay_{i}": _u8(rep.payload) for i, rep in enumerate(ckpt.relay)}}
+    if ckpt.replica is not None:
+        arrays["replica"] = ckpt.replica
+    path = checkpoint_path(run, ckpt.trial)
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def read_checkpoint(run: str | Path, trial: int, d: int) -> Checkpoint | None:
+    """Trial ``trial``'s checkpoint (dimension ``d``), or None when it has none; a clear
+    RelufitError when the file is not a whole one."""
+    path = checkpoint_path(run, trial)
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(z["meta"].tobytes())
+            if meta.get("version") != CHECKPOINT_VERSION or meta.get("trial") != trial:
+                raise ValueError("another version or trial")
+            w = z["w"]
+            replica = z["replica"] if "replica" in z.files else None
+            if w.shape != (d,) or (replica is not None and replica.shape != (d,)):
+                raise ValueError(f"weights are not of dimension {d}")
+            relay = [Reply(int(r), z[f"relay_{i}"].tobytes())
+                     for i, r in enumerate(meta["relay_ranks"])]
+            return Checkpoint(
+                trial, int(meta["round"]), w, replica,
+                {int(r): st for r, st in meta["workers"].items()}, z["update"].tobytes(),
+                relay, meta["down_rng"], dict(meta["totals"]), float(meta["elapsed_s"]))
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
+        raise RelufitError(f"{path} is not a whole checkpoint ({e}); delete it to run "
+                           f"trial {trial} again from its start") from None
+
+
+def _u8(b: bytes | memoryview) -> np.ndarray:
+    return np.frombuffer(bytes(b), dtype=np.uint8)

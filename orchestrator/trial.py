@@ -49,16 +49,43 @@ class Exchange:
     retry: bool = False
 
 
+@dataclass
+class Checkpoint:
+    """A trial after ``round`` rounds, as much as it takes to go on exactly as if it had
+    never stopped: the master's weights and step state, and every worker's generators.
+
+    ``replica`` is what every replica holds before it applies last round's update: the
+    weights one step back (broadcast, allgather), or ``w`` itself (allreduce, whose means
+    travel between workers and are applied before anyone could stop); None for ps. The
+    first round after a resume then sends what it would have sent anyway (``update``,
+    ``relay``), so its bytes, too, are the uninterrupted run's."""
+
+    trial: int
+    round: int  # rounds done
+    w: np.ndarray
+    replica: np.ndarray | None
+    workers: dict[int, dict]  # rank -> WorkerNode.generator_states()
+    update: bytes = b""  # broadcast: last round's encoded mean
+    relay: list[Reply] = field(default_factory=list)  # allgather: last round's gradients
+    down_rng: dict | None = None  # broadcast: the master's quantizer generator
+    totals: dict[str, int] = field(default_factory=dict)  # bytes so far: up, down, peer
+    elapsed_s: float = 0.0
+
+
 class WorkerPool(Protocol):
     """Where the workers run. ``down``: the float32 weights (ps), None (allgather), the
     encoded mean of last round (broadcast; b"" in round 0), or the master's weights as
     float64 (allreduce: sent only when the chunks are re-planned, to re-sync the replicas).
-    ``relay``: last round's replies (allgather: gradients; allreduce: mean chunks)."""
+    ``relay``: last round's replies (allgather: gradients; allreduce: mean chunks).
+    ``start_trial`` with a checkpoint takes every worker up where it left off;
+    ``states`` is every worker's generator states between two rounds (rank -> states)."""
 
-    def start_trial(self, spec: TrialSpec) -> None: ...
+    def start_trial(self, spec: TrialSpec, resume: Checkpoint | None = None) -> None: ...
 
     def exchange(self, round_: int, down: bytes | np.ndarray | None,
                  relay: list[Reply]) -> Exchange: ...
+
+    def states(self, round_: int) -> dict[int, dict]: ...
 
     def end_trial(self) -> None: ...
 
@@ -111,27 +138,43 @@ class TrialInterrupted(KeyboardInterrupt):
         self.result = result
 
 
+CHECKPOINT_S = 10.0  # train.checkpoint_rounds = 0: a checkpoint about this often
+
+
 def run_trial(
     spec: TrialSpec,
     pool: WorkerPool,
     on_round: Callable[[RoundRow], None],
     on_event: Callable[[str], None] = lambda msg: None,
     on_worker_loss: str = "continue",
+    resume: Checkpoint | None = None,
+    on_checkpoint: Callable[[Checkpoint], None] | None = None,
+    checkpoint_rounds: int = 0,
 ) -> TrialResult:
     """Drive one trial to its end; KeyboardInterrupt propagates after the result is known.
 
     Every completed round has been handed to ``on_round`` before anything else happens,
     so a caller that writes rows as they come loses nothing on failure or Ctrl-C.
+    ``on_checkpoint`` gets a ``Checkpoint`` every ``checkpoint_rounds`` rounds (0: about
+    every ``CHECKPOINT_S`` seconds), while no worker has been lost; ``resume`` takes the
+    trial up from one, after which every row is the uninterrupted run's but its times.
     """
     w_star = relu.planted_weights(spec.d, spec.seed)
-    w = np.zeros(spec.d)
+    w, w_prev = np.zeros(spec.d), np.zeros(spec.d)
     totals = {"up": 0, "down": 0, "peer": 0}
     lost: list[int] = []
     relay: list[Reply] = []
     update = b""  # broadcast: last round's encoded mean, which every replica applies
     down_rng = relu.down_quant_rng(spec.seed)
-    start = time.perf_counter()
-    rounds_done, err = 0, relu.rel_error(w, w_star)
+    first = 0
+    if resume is not None:
+        w, relay, update, first = resume.w.copy(), list(resume.relay), resume.update, resume.round
+        totals.update(resume.totals)
+        if resume.down_rng is not None:
+            down_rng.bit_generator.state = resume.down_rng
+    start = time.perf_counter() - (resume.elapsed_s if resume else 0.0)
+    last_checkpoint = time.perf_counter()
+    rounds_done, err = first, relu.rel_error(w, w_star)
 
     def result(status: str, reason: str = "") -> TrialResult:
         return TrialResult(
@@ -139,9 +182,16 @@ def run_trial(
             time.perf_counter() - start, bool(err <= spec.target_rel_error), reason, list(lost),
         )
 
-    pool.start_trial(spec)
+    def due(r: int) -> bool:
+        if on_checkpoint is None or lost or r + 1 >= spec.rounds:
+            return False
+        if checkpoint_rounds > 0:
+            return (r + 1) % checkpoint_rounds == 0
+        return time.perf_counter() - last_checkpoint >= CHECKPOINT_S
+
+    pool.start_trial(spec, resume)
     try:
-        for r in range(spec.rounds):
+        for r in range(first, spec.rounds):
             if INTERRUPT_REQUESTED.is_set():  # a KeyboardInterrupt that was swallowed
                 raise KeyboardInterrupt
             ex = pool.exchange(r, _down(spec, w, update), relay)
@@ -172,7 +222,7 @@ def run_trial(
             if spec.topology == "broadcast":  # the replicas take this exact step next round
                 update, g = node.encode_exact(g, spec, down_rng)
                 master_encode_s = time.perf_counter() - t1
-            w = w - spec.lr * g
+            w_prev, w = w, w - spec.lr * g
             err = relu.rel_error(w, w_star)
             t2 = time.perf_counter()
             relay = ex.replies
@@ -193,6 +243,16 @@ def run_trial(
                 raise TrialFailed(f"diverged in round {r} (rel_error {err}); lower train.lr")
             if spec.target_rel_error > 0 and err <= spec.target_rel_error:
                 break
+            if due(r):
+                states = pool.states(r)
+                if len(states) == spec.workers and not lost:  # else: next time
+                    on_checkpoint(Checkpoint(
+                        spec.trial, r + 1, w, _replica(spec, w, w_prev), states, update,
+                        [Reply(x.rank, bytes(x.payload)) for x in relay]
+                        if spec.topology == "allgather" else [],
+                        down_rng.bit_generator.state if spec.topology == "broadcast" else None,
+                        dict(totals), time.perf_counter() - start))
+                    last_checkpoint = time.perf_counter()
         return result("completed")
     except TrialFailed as e:
         on_event(f"trial {spec.trial} failed: {e}")
@@ -202,6 +262,13 @@ def run_trial(
         raise TrialInterrupted(result("interrupted", "interrupted by the user (Ctrl-C)")) from None
     finally:
         pool.end_trial()
+
+
+def _replica(spec: TrialSpec, w: np.ndarray, w_prev: np.ndarray) -> np.ndarray | None:
+    """What the replicas hold between two rounds (``Checkpoint.replica``)."""
+    if spec.topology == "ps":
+        return None
+    return w if spec.topology == "allreduce" else w_prev
 
 
 def _down(spec: TrialSpec, w: np.ndarray, update: bytes) -> bytes | np.ndarray | None:
@@ -229,8 +296,15 @@ class SimPool:
     def __init__(self) -> None:
         self.nodes: list[WorkerNode] = []
 
-    def start_trial(self, spec: TrialSpec) -> None:
+    def start_trial(self, spec: TrialSpec, resume: Checkpoint | None = None) -> None:
         self.nodes = [WorkerNode(spec, rank) for rank in range(spec.workers)]
+        if resume is not None:
+            own = {rep.rank: rep.payload for rep in resume.relay}
+            for nd in self.nodes:
+                nd.restore(resume.workers[nd.rank], resume.replica, own.get(nd.rank))
+
+    def states(self, round_: int) -> dict[int, dict]:
+        return {nd.rank: nd.generator_states() for nd in self.nodes}
 
     def exchange(self, round_: int, down: bytes | None, relay: list[Reply]) -> Exchange:
         if self.nodes and self.nodes[0].spec.topology == "allreduce":

@@ -217,8 +217,11 @@ class KillMidRound:
     def __init__(self, pool, round_, rank):
         self.pool, self.round, self.rank = pool, round_, rank
 
-    def start_trial(self, s):
-        self.pool.start_trial(s)
+    def start_trial(self, s, resume=None):
+        self.pool.start_trial(s, resume)
+
+    def states(self, round_):
+        return self.pool.states(round_)
 
     def exchange(self, round_, down, relay):
         if round_ == self.round:

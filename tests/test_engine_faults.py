@@ -51,8 +51,11 @@ class Hooked:
     def __init__(self, pool, before):
         self.pool, self.before = pool, before
 
-    def start_trial(self, spec):
-        self.pool.start_trial(spec)
+    def start_trial(self, spec, resume=None):
+        self.pool.start_trial(spec, resume)
+
+    def states(self, round_):
+        return self.pool.states(round_)
 
     def exchange(self, round_, down, relay):
         self.before(self.pool, round_)

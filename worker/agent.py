@@ -84,10 +84,21 @@ class _Work:
     def __init__(self) -> None:
         self.node: WorkerNode | None = None
 
-    def start(self, spec: TrialSpec, rank: int) -> tuple[str, int]:
+    def start(self, spec: TrialSpec, rank: int,
+              resume: tuple[Any, Any, Any] | None = None) -> tuple[str, int]:
+        """Build the trial's node; ``resume``: (states, replica frame, own payload frame)
+        of a checkpoint to take it up from."""
         self.node = None  # free the last trial's shard before building the next one
-        self.node = WorkerNode(spec, rank)
+        nd = WorkerNode(spec, rank)
+        if resume is not None:
+            states, replica, own = (protocol.buffer(f) if i else f for i, f in enumerate(resume))
+            nd.restore(states, node.decode_weights64(replica, spec.d) if len(replica) else None,
+                       own if len(own) else None)
+        self.node = nd
         return ("ready", spec.trial)
+
+    def states(self, trial: int, round_: int) -> tuple[str, int, int, dict]:
+        return ("state", trial, round_, self.node.generator_states())
 
     def scatter(self, key: tuple[int, int, int], down: Any, relayed: list[Any],
                 members: list[int]) -> tuple[Any, ...]:
@@ -271,6 +282,8 @@ class Agent:
             return EXIT_STOPPED
         if msg.type == protocol.WELCOME:
             self._on_welcome(msg)
+        elif msg.type == protocol.SAVE:
+            self._on_save(msg)
         elif msg.type == protocol.TRIAL:
             self._on_trial(msg)
         elif msg.type == protocol.ROUND:
@@ -303,9 +316,28 @@ class Agent:
             if not isinstance(endpoints, list) or len(endpoints) != spec.workers:
                 raise ProtocolError(f"allreduce TRIAL must list {spec.workers} peer endpoints")
             self.peers.connect(self.rank, endpoints)
-        self.spec, self.next_round, self.last_sent_round = spec, 0, -1
+        resume, first = msg.get("resume"), 0
+        if resume is not None:
+            first, resume = resume["round"], (resume["states"], *msg.payloads)
+        self.spec, self.next_round, self.last_sent_round = spec, first, first - 1
         self.ar = _Allreduce()
-        self.compute.jobs.put(lambda: self.work.start(spec, self.rank))
+        if resume is not None and spec.topology == "allreduce":  # the plan of every trial
+            members = list(range(spec.workers))  # that checkpoints: no worker was lost
+            self.ar = _Allreduce(epoch=0, members=members,
+                                 bounds=node.chunk_bounds(spec, spec.workers))
+        rank = self.rank
+        self.compute.jobs.put(lambda: self.work.start(spec, rank, resume))
+
+    def _on_save(self, msg: protocol.Message) -> None:
+        """A checkpoint between two rounds: our generators' states after the last one. The
+        compute thread owns them, so it answers, after whatever it was given before."""
+        spec = self.spec
+        if spec is None or (msg.get("trial"), msg.get("round")) != (spec.trial,
+                                                                     self.next_round - 1):
+            raise ProtocolError(f"stale SAVE for trial {msg.get('trial')} round "
+                                f"{msg.get('round')}")
+        trial, round_ = spec.trial, msg.get("round")
+        self.compute.jobs.put(lambda: self.work.states(trial, round_))
 
     def _on_round(self, msg: protocol.Message) -> None:
         spec = self.spec
@@ -358,6 +390,10 @@ class Agent:
             return  # a result of a trial the master has moved past
         if result[0] == "ready":
             self._send(protocol.build(protocol.READY, trial=spec.trial))
+            return
+        if result[0] == "state":
+            _, trial, round_, states = result
+            self._send(protocol.build(protocol.STATE, trial=trial, round=round_, states=states))
             return
         _, trial, round_, res, apply_s = result
         self.last_sent_round = round_

@@ -243,6 +243,29 @@ def assemble(means: Sequence[bytes | memoryview | np.ndarray], spec: TrialSpec) 
 # ---------------------------------------------------------------- the worker
 
 
+def check_states(states: Any) -> dict[str, dict[str, Any]]:
+    """A worker's generator states (``WorkerNode.generator_states``) from a checkpoint or
+    the wire, checked and rebuilt from what was checked. Raises SpecError."""
+    if not isinstance(states, dict) or set(states) != {"batch", "quant"}:
+        raise SpecError("generator states must be an object with 'batch' and 'quant'")
+    return {name: _pcg64_state(states[name], name) for name in ("batch", "quant")}
+
+
+def _pcg64_state(st: Any, name: str) -> dict[str, Any]:
+    """One PCG64 state: two unsigned 128-bit integers and the cached 32-bit half."""
+    inner = st.get("state") if isinstance(st, dict) else None
+
+    def u(v: Any, bits: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << bits
+
+    if not (isinstance(inner, dict) and st.get("bit_generator") == "PCG64"
+            and u(inner.get("state"), 128) and u(inner.get("inc"), 128)
+            and st.get("has_uint32") in (0, 1) and u(st.get("uinteger"), 32)):
+        raise SpecError(f"generator state {name!r} is not a PCG64 state")
+    return {"bit_generator": "PCG64", "state": {"state": inner["state"], "inc": inner["inc"]},
+            "has_uint32": st["has_uint32"], "uinteger": st["uinteger"]}
+
+
 @dataclass
 class StepResult:
     payload: bytes
@@ -267,6 +290,28 @@ class WorkerNode:
         # allreduce: the vectors of our own chunk of this round's gradient and of its mean
         self.own_part: np.ndarray | None = None
         self.own_mean: np.ndarray | None = None
+
+    def generator_states(self) -> dict[str, Any]:
+        """What a checkpoint keeps of this worker: its generators' states (JSON-ready).
+        Everything else a worker holds is rebuilt from the spec or sent by the master."""
+        return {"batch": self.batch_rng.bit_generator.state,
+                "quant": self.quant_rng.bit_generator.state}
+
+    def restore(self, states: Any, replica: np.ndarray | None = None,
+                own: bytes | memoryview | None = None) -> None:
+        """Take up a trial from a checkpoint: ``states`` as ``generator_states`` gave them,
+        the replica's weights (not for ps), and for allgather the payload we sent last
+        round, whose vector the next round's update needs. Raises SpecError on anything that
+        does not fit (it may come from the network)."""
+        states = check_states(states)
+        self.batch_rng.bit_generator.state = states["batch"]
+        self.quant_rng.bit_generator.state = states["quant"]
+        if replica is not None:
+            if replica.shape != (self.spec.d,):
+                raise SpecError(f"replica of {replica.size} weights for d={self.spec.d}")
+            self.w = replica.copy()
+        if own is not None:
+            self.own = decode_gradient(own, self.spec)
 
     def gradient(self, w: np.ndarray, round_: int) -> np.ndarray:
         s = self.spec

@@ -10,8 +10,11 @@ Conversation (master M, agent A):
 
     A -> M  HELLO      {rank | null, pid, peer_port?, peer_host?}   version checked, both ways
     M -> A  WELCOME    {rank, heartbeat_interval, heartbeat_liveness}
-    M -> A  TRIAL      {spec, peers?}                the TrialSpec as JSON; allreduce: every
-                                                     rank's peer endpoint (null: lost)
+    M -> A  TRIAL      {spec, peers?, resume?}       the TrialSpec as JSON; allreduce: every
+                                                     rank's peer endpoint (null: lost);
+                                                     resume: {round, states} to take the trial
+                                                     up from a checkpoint, with [float64
+                                                     replica weights, our last payload]
     A -> M  READY      {trial}                       shard built
     M -> A  ROUND      {trial, round, ranks?, epoch?}
                                                      ps: [float32 weights];
@@ -23,6 +26,8 @@ Conversation (master M, agent A):
     A -> M  GRADIENT   {trial, round, compute_s, encode_s, apply_s, bytes_peer, epoch?}
                                                      [encoded gradient]; allreduce: [our mean
                                                      chunk] (b"" when our chunk is empty)
+    M -> A  SAVE       {trial, round}                between rounds: for a checkpoint
+    A -> M  STATE      {trial, round, states}        our generators' states after that round
     both    HEARTBEAT  {}                            on the heartbeat connection (below);
                                                      any traffic also counts as one
     M -> A  STOP       {}                            the run is over: exit 0
@@ -41,7 +46,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-VERSION = 3  # 2: heartbeats on a connection of their own; 3: allreduce (PART, MEAN)
+VERSION = 4  # 2: heartbeats on a connection of their own; 3: allreduce (PART, MEAN);
+# 4: checkpoints (SAVE, STATE, TRIAL resume)
 
 HELLO = "HELLO"
 WELCOME = "WELCOME"
@@ -54,6 +60,8 @@ STOP = "STOP"
 ERROR = "ERROR"
 PART = "PART"
 MEAN = "MEAN"
+SAVE = "SAVE"
+STATE = "STATE"
 
 # An agent opens two connections to the master: data, and heartbeats only, whose routing id
 # is the data connection's plus this suffix. Heartbeats (both ways) go on the second, so a
@@ -82,12 +90,14 @@ SCHEMA: dict[str, dict[str, str]] = {
                "apply_s": _NUM, "bytes_peer": _INT},
     PART: {"trial": _INT, "round": _INT, "epoch": _INT, "rank": _INT},
     MEAN: {"trial": _INT, "round": _INT, "epoch": _INT, "rank": _INT},
+    SAVE: {"trial": _INT, "round": _INT},
+    STATE: {"trial": _INT, "round": _INT},
     HEARTBEAT: {},
     STOP: {},
     ERROR: {"message": _STR},
 }
 PAYLOADS = {  # how many payload frames each type may carry: (min, max)
-    ROUND: (0, MAX_RANKS), GRADIENT: (1, 1), PART: (1, 1), MEAN: (1, 1),
+    ROUND: (0, MAX_RANKS), GRADIENT: (1, 1), PART: (1, 1), MEAN: (1, 1), TRIAL: (0, 2),
 }
 PEER_TYPES = (PART, MEAN)
 MAX_ENDPOINT = 300  # characters of a peer endpoint (tcp://HOST:PORT)
@@ -183,6 +193,17 @@ def _check_extras(type_: str, header: dict[str, Any], n_payloads: int) -> None:
                 and all(p is None or (isinstance(p, str) and p.startswith("tcp://")
                                       and len(p) <= MAX_ENDPOINT) for p in peers)):
             raise ProtocolError("TRIAL peers must be a list of tcp:// endpoints or nulls")
+        resume = header.get("resume")
+        if resume is None and n_payloads:
+            raise ProtocolError("TRIAL carries payloads only to resume")
+        if resume is not None and not (
+                isinstance(resume, dict) and _is_int(resume.get("round"))
+                and resume["round"] >= 1 and isinstance(resume.get("states"), dict)
+                and n_payloads == 2):
+            raise ProtocolError("TRIAL resume must be {round >= 1, states} with 2 payloads")
+    elif type_ == STATE:
+        if not isinstance(header.get("states"), dict):
+            raise ProtocolError("STATE carries no states object")
     elif type_ == ROUND and "ranks" in header:
         ranks = header["ranks"]
         if not (isinstance(ranks, list) and len(ranks) <= MAX_RANKS
@@ -197,7 +218,7 @@ def _check_extras(type_: str, header: dict[str, Any], n_payloads: int) -> None:
         for key in ("compute_s", "encode_s", "apply_s", "bytes_peer"):
             if header[key] < 0:
                 raise ProtocolError(f"GRADIENT {key} must be >= 0")
-    if type_ in (TRIAL, READY, ROUND, GRADIENT, PART, MEAN):
+    if type_ in (TRIAL, READY, ROUND, GRADIENT, PART, MEAN, SAVE, STATE):
         for key in ("trial", "round", "epoch", "rank"):  # some are optional: check the type
             if key in header and not (_is_int(header[key]) and header[key] >= 0):
                 raise ProtocolError(f"{type_} {key} must be an integer >= 0")
