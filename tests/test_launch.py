@@ -284,9 +284,10 @@ def sim_for_ssh(monkeypatch) -> list[str]:
     reaches): the names of the clusters run on."""
     used: list[str] = []
 
-    def sim_run(exp, cluster, out, progress, run_id):
+    def sim_run(exp, cluster, out, progress, run_id, resume=None):
         used.append(cluster.name)
-        return run_experiment(exp, SimPool(), out, "sim", progress=progress, run_id=run_id)
+        return run_experiment(exp, SimPool(), out, "sim", progress=progress, run_id=run_id,
+                              resume=resume)
     monkeypatch.setattr(deploy, "deploy", lambda *a, **k: [])
     monkeypatch.setattr(remote, "run_on_cluster", sim_run)
     return used
@@ -335,6 +336,36 @@ def test_launch_on_a_reused_ec2_cluster_leaves_it_up(aws, tmp_path, sim_for_ssh)
     assert list(rec["stages"]) == ["check", "deploy", "run", "report"]
     assert "Cost of this launch: ~$" in r.stderr and sim_for_ssh == ["ru"]
     assert len(ec2.tagged_resources(aws, "ru")["instances"]) == 2
+
+
+def test_launch_resume_goes_on_with_the_run_and_refuses_another_experiment_first(
+        aws, tmp_path, sim_for_ssh):
+    """--resume reaches the run (deploy and the remote run replaced by sim); a resume that
+    does not fit is refused before anything is made."""
+    exp_file = tiny(tmp_path, 30, '[sweep]\n"cluster.topology" = ["ps", "allgather"]')
+    out = tmp_path / "results"
+
+    class Stop(SimPool):
+        def exchange(self, round_, down, relay):
+            if (self.nodes[0].spec.trial, round_) == (1, 7):
+                raise KeyboardInterrupt
+            return super().exchange(round_, down, relay)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(load_experiment(exp_file), Stop(), out, "sim", progress=lambda s: None)
+    [cut] = out.iterdir()
+    r = invoke("launch", str(exp_file), "--resume", str(cut), "--set", "train.lr=0.3",
+               "--name", "ln", "--workers", "1", "--ssh-cidr", CIDR, "--yes")
+    assert r.exit_code == 1 and "train.lr: 0.5 != 0.3" in one_error_line(r.stderr)
+    assert sim_for_ssh == [] and nothing_left(aws, "ln")
+    r = invoke("launch", str(exp_file), "--resume", str(cut), "--name", "ln", "--workers", "1",
+               "--instance-type", "c5.large", "--ssh-cidr", CIDR, "--yes", "--json")
+    assert r.exit_code == 0, r.output
+    rec = json.loads(r.stdout)
+    assert rec["run"]["run_dir"] == str(cut) and rec["run"]["resumed"] == 1
+    np.testing.assert_array_equal(load_run(cut)["metrics"]["rel_error"],
+                                  sim_rel_error(exp_file, tmp_path))
+    assert nothing_left(aws, "ln")
 
 
 # ---------------------------------------------------------------- netns, end to end

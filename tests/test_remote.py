@@ -85,8 +85,11 @@ def deployed(tmp_path_factory):
                 os.environ[k] = v
 
 
-def write_exp(path: Path, rounds: int = 60, policy: str = "continue", sweep: str = "") -> Path:
-    path.write_text(EXPERIMENT.format(rounds=rounds, policy=policy, sweep=sweep))
+def write_exp(path: Path, rounds: int = 60, policy: str = "continue", sweep: str = "",
+              checkpoint_rounds: int = 0) -> Path:
+    text = EXPERIMENT.format(rounds=rounds, policy=policy, sweep=sweep)
+    path.write_text(text.replace("target_rel_error = 0\n", "target_rel_error = 0\n"
+                                 f"checkpoint_rounds = {checkpoint_rounds}\n"))
     return path
 
 
@@ -398,3 +401,64 @@ def test_allreduce_peers_refuse_whoever_lacks_the_runs_keys(deployed, tmp_path):
                          progress=lambda line: None)
     np.testing.assert_array_equal(run["metrics"]["rel_error"],
                                   load_run(sim)["metrics"]["rel_error"])
+
+
+def test_master_killed_on_node_0_then_resume_on_the_cluster_is_bit_identical(deployed,
+                                                                            tmp_path):
+    """The master's machine dies mid-sweep (kill -9 of its process group on node 0):
+    `relufit run --cluster --resume` takes the sweep up from node 0's last checkpoint, and
+    the run equals sim's, and a local run's bytes, in every column but the times."""
+    c, state = deployed
+    exp_file = write_exp(tmp_path / "exp.toml", rounds=300, checkpoint_rounds=20,
+                         sweep='[sweep]\n"cluster.topology" = ["broadcast", "allreduce"]')
+    out = tmp_path / "results"
+    with cluster_run(c, state, exp_file, out, 400) as (proc, run_id):
+        killed = host_ssh(state, 0, f"kill -9 -- -$(cat relufit-runs/{run_id}/master.pid)")
+        assert killed.returncode == 0, killed.stderr
+        _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "exited with code" in stderr
+    local = out / run_id
+    assert (local / "checkpoints" / "trial-1.npz").exists()  # fetched with the rest
+    resumed = relufit("run", str(exp_file), "--cluster", c.name, "--resume", str(local))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert Path(resumed.stdout.strip().splitlines()[-1]) == local
+    assert "1 of 2 trial(s) kept, trial 2 from round" in resumed.stderr
+    run = load_run(local)
+    assert run["summary"]["status"] == "completed" and run["summary"]["resumed"] == 1
+    sim = load_run(run_experiment(load_experiment(exp_file), SimPool(), tmp_path / "sim",
+                                  "sim", progress=lambda line: None))["metrics"]
+    for col in ("trial", "round", "rel_error", "loss", "workers"):
+        np.testing.assert_array_equal(run["metrics"][col], sim[col], err_msg=col)
+    whole = relufit("run", str(exp_file), "--out", str(tmp_path / "local"))
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    ref = load_run(whole.stdout.strip())["metrics"]
+    for col in ("bytes_up", "bytes_down", "bytes_peer"):
+        np.testing.assert_array_equal(run["metrics"][col], ref[col], err_msg=col)
+    for node in range(3):
+        assert alive_relufit(state, node, run_id) == []
+
+
+def test_a_run_interrupted_elsewhere_resumes_on_a_cluster_that_never_ran_it(deployed,
+                                                                           tmp_path):
+    """The local copy goes up to node 0 (`launch --resume` onto a new cluster does this)."""
+    c, state = deployed
+    exp_file = write_exp(tmp_path / "exp.toml", rounds=40, checkpoint_rounds=10)
+    exp = load_experiment(exp_file)
+
+    class Stop(SimPool):
+        def exchange(self, round_, down, relay):
+            if round_ == 25:
+                raise KeyboardInterrupt
+            return super().exchange(round_, down, relay)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(exp, Stop(), tmp_path / "results", "sim", progress=lambda line: None)
+    [cut] = (tmp_path / "results").iterdir()
+    assert cut.name not in runs_on(state)
+    resumed = relufit("run", "--resume", str(cut), "--cluster", c.name)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "uploaded" in resumed.stderr and "trial 1 from round 20" in resumed.stderr
+    sim = run_experiment(exp, SimPool(), tmp_path / "sim", "sim", progress=lambda line: None)
+    np.testing.assert_array_equal(load_run(cut)["metrics"]["rel_error"],
+                                  load_run(sim)["metrics"]["rel_error"])
+    assert load_run(cut)["summary"]["status"] == "completed"
