@@ -57,7 +57,7 @@ class RunWriter:
             rows = list(csv.reader(f))
         if not rows or tuple(rows[0]) != COLUMNS:
             raise RelufitError(f"{path}/metrics.csv is not this relufit's metrics file")
-        body = [r for r in rows[1:] if len(r) == len(COLUMNS) and keep(int(r[0]), int(r[1]))]
+        body = [r for r in rows[1:] if len(r) == len(COLUMNS) and _kept(r, keep)]
         _replace_text(path / "metrics.csv", _csv_text([rows[0], *body]))
         summary.pop("status", None)
         summary["trials"] = [t for t in summary["trials"] if t["trial"] in kept_trials]
@@ -132,6 +132,14 @@ class RunWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _kept(row: list[str], keep: Callable[[int, int], bool]) -> bool:
+    """Whether a metrics row stays; a row cut short by a crash mid-write never does."""
+    try:
+        return keep(int(row[0]), int(row[1])) and all(row)
+    except ValueError:
+        return False
 
 
 def _csv_text(rows: list[list[str]]) -> str:

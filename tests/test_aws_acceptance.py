@@ -161,8 +161,9 @@ def test_the_acceptance_code_against_moto(aws_env, tmp_path, monkeypatch):
         seen["instances"] = ec2.instances(client, name)
         return []
 
-    def sim_run(exp, cluster, out, progress, run_id):
-        return run_experiment(exp, SimPool(), out, "sim", progress=progress, run_id=run_id)
+    def sim_run(exp, cluster, out, progress, run_id, resume=None):
+        return run_experiment(exp, SimPool(), out, "sim", progress=progress, run_id=run_id,
+                              resume=resume)
 
     monkeypatch.setattr(deploy, "deploy", no_ssh_here)
     monkeypatch.setattr(remote, "run_on_cluster", sim_run)

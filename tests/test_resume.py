@@ -234,6 +234,8 @@ def test_an_interrupted_sweep_resumes_to_the_uninterrupted_result(tmp_path):
         run_experiment(exp, StopAt(1, 33), tmp_path / "b", "sim", **QUIET)
     [cut] = (tmp_path / "b").iterdir()
     assert read_summary(cut)["status"] == "interrupted"
+    with open(cut / "metrics.csv", "a") as f:
+        f.write("1,34,0.12")  # a row cut short by a crash mid-write: dropped
     assert [p.name for p in (cut / "checkpoints").iterdir()] == ["trial-1.npz"]
     lines = []
     assert run_experiment(exp, SimPool(), tmp_path, "sim", progress=lines.append,
