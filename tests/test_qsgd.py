@@ -467,3 +467,37 @@ def test_quantized_from_strided_arrays_encodes_and_leaves_them_writable():
     roundtrip(q)
     levels[1] = 2  # still the caller's to write
     assert levels.flags.writeable and not q.signed_levels.flags.writeable
+
+
+def _cuts(d: int, unit: int, members: int) -> list[tuple[int, int]]:
+    units = -(-d // unit)
+    cuts = [min(d, (j * units // members) * unit) for j in range(members + 1)]
+    return list(zip(cuts[:-1], cuts[1:], strict=True))
+
+
+@pytest.mark.parametrize("coding", ["elias", "fixed"])
+@pytest.mark.parametrize("levels", [1, 15, 16, 200])
+@pytest.mark.parametrize("d,bucket_size,members", [
+    (1, 0, 3), (7, 0, 8), (100, 0, 4), (100, 128, 2), (1000, 128, 3), (1000, 128, 16),
+    (10_000, 128, 5), (257, 1, 4), (300, 7, 6), (129, 128, 2), (512, 128, 8)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_quantize_chunks_equals_per_chunk_quantize_byte_for_byte(
+        d, bucket_size, members, levels, coding, seed):
+    data = np.random.default_rng(seed + 100)
+    v = data.standard_normal(d) * data.choice([1e-30, 1.0, 1e30])
+    v[data.random(d) < 0.3] = 0.0
+    if seed == 2 and d > 2:
+        v[: d // 2] = 0.0  # all-zero chunks
+    unit = bucket_size if 0 < bucket_size < d else 1
+    bounds = _cuts(d, unit, members)
+    one, per = np.random.default_rng(seed), np.random.default_rng(seed)
+    got = qsgd.quantize_chunks(v, levels, one, bounds, bucket_size)
+    for (lo, hi), q in zip(bounds, got, strict=True):
+        if hi == lo:
+            assert q is None
+            continue
+        want = qsgd.quantize(v[lo:hi], levels, per, bucket_size or None)
+        assert q == want
+        assert qsgd.encode(q, coding) == qsgd.encode(want, coding)
+        assert np.array_equal(qsgd.dequantize(q), qsgd.dequantize(want))
+    assert one.random() == per.random()  # the generators end in the same state

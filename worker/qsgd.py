@@ -57,6 +57,7 @@ __all__ = [
     "CodecError",
     "Quantized",
     "quantize",
+    "quantize_chunks",
     "dequantize",
     "encode",
     "decode",
@@ -283,6 +284,37 @@ def quantize(
     z += up < x
     np.copysign(z, v, out=z)
     return Quantized(v.size, s, bs, norms, z.astype(_level_dtype(s)))
+
+
+def quantize_chunks(
+    v: np.ndarray, levels: int, rng: np.random.Generator, bounds: list[tuple[int, int]],
+    bucket_size: int,
+) -> list[Quantized | None]:
+    """``[quantize(v[lo:hi], levels, rng, bucket_size) for (lo, hi) in bounds]`` (None for an
+    empty chunk), equal field for field and drawing from ``rng`` in the same order.
+
+    When every chunk starts on a bucket boundary (0 < bucket_size < len(v)), the whole vector
+    is quantized in one pass and cut: a chunk's buckets are the vector's. Otherwise each chunk
+    is its own bucket, and is quantized on its own.
+    """
+    v = np.asarray(v, dtype=np.float64)
+    bs = int(bucket_size or 0)
+    aligned = 0 < bs < v.size and all(lo % bs == 0 for lo, _ in bounds)
+    if not aligned or [lo for lo, _ in bounds[1:]] != [hi for _, hi in bounds[:-1]]:
+        return [quantize(v[lo:hi], levels, rng, bs or None) if hi > lo else None
+                for lo, hi in bounds]
+    lo0, hi_end = bounds[0][0], bounds[-1][1]
+    whole = quantize(v[lo0:hi_end], levels, rng, bs)  # one draw of hi_end - lo0 uniforms
+    out: list[Quantized | None] = []
+    for lo, hi in bounds:
+        if hi == lo:
+            out.append(None)
+            continue
+        b0, b1 = (lo - lo0) // bs, -(-(hi - lo0) // bs)
+        out.append(Quantized._trusted(hi - lo, whole.levels, bs if bs < hi - lo else 0,
+                                      whole.norms[b0:b1].copy(),
+                                      whole.signed_levels[lo - lo0:hi - lo0].copy()))
+    return out
 
 
 def dequantize(q: Quantized) -> np.ndarray:
