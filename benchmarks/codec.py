@@ -14,11 +14,17 @@ Then, for d >= 1e5, the master's ``node.aggregate`` of M payloads (bucket 128, s
 and s = 15 fixed), wall clock: decoded in turn (the baseline) against decoded on one thread
 per CPU (``node.PARALLEL_DECODE_MIN_BYTES`` set for each), alternated, same payloads, same
 run: the evidence for the thresholds in ``node.PARALLEL_DECODE_MIN_BYTES``.
+
+Then an allreduce worker's scatter coding per round (quantize + encode of its M chunks), CPU
+time, at each d in --scatter-dims and M in --scatter-workers: chunk by chunk (the per-call
+path, the baseline) against ``node.quantize_chunks`` (one quantize pass), alternated, same
+gradient, same run; the bytes are checked equal. ``--json PATH`` stores those rows.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 
@@ -84,12 +90,63 @@ def bench_aggregate(d: int, m: int, repeats: int) -> list[str]:
     return rows
 
 
+def _scatter_per_call(g, spec, rng, bounds) -> list[bytes]:
+    return [node.encode_gradient(g[lo:hi], node.chunk_spec(spec, lo, hi), rng) if hi > lo
+            else b"" for lo, hi in bounds]
+
+
+def _scatter_one_pass(g, spec, rng, bounds) -> list[bytes]:
+    return [b"" if c is None else node.chunk_payload(c, spec)
+            for c in node.quantize_chunks(g, spec, rng, bounds)]
+
+
+def bench_scatter(d: int, m: int, repeats: int) -> list[dict]:
+    """A worker's scatter coding per round, per call against one pass (CPU ms, medians)."""
+    rows = []
+    for levels, coding in ((15, "fixed"), (16, "elias")):
+        spec = node.TrialSpec(d=d, n=0, workers=m, scheme="qsgd", levels=levels, coding=coding,
+                              bucket_size=128)
+        g, bounds = np.random.default_rng(d + m).standard_normal(d), node.chunk_bounds(spec, m)
+        assert (_scatter_per_call(g, spec, np.random.default_rng(1), bounds)
+                == _scatter_one_pass(g, spec, np.random.default_rng(1), bounds))
+        times: dict[str, list[float]] = {"per_call": [], "one_pass": []}
+        for _ in range(repeats):  # alternated, so that a busy spell hits both alike
+            for label, fn in (("per_call", _scatter_per_call), ("one_pass", _scatter_one_pass)):
+                rng = np.random.default_rng(2)
+                t0 = clock()
+                fn(g, spec, rng, bounds)
+                times[label].append(clock() - t0)
+        per_call, one_pass = (float(np.median(times[k])) * 1e3 for k in times)
+        rows.append({"d": d, "M": m, "setting": f"s{levels}b128{coding}",
+                     "per_call_ms": per_call, "one_pass_ms": one_pass,
+                     "ratio": per_call / one_pass})
+    return rows
+
+
+def print_scatter(dims: str, workers: str, repeats: int, json_path: str | None) -> None:
+    print("\n| d | M | setting | per call ms | one pass ms | ratio |")
+    print("|" + "---|" * 6)
+    rows = []
+    for d in (int(x) for x in dims.split(",")):
+        for m in (int(x) for x in workers.split(",")):
+            for r in bench_scatter(d, m, repeats):
+                rows.append(r)
+                print(f"| {r['d']:>9,} | {r['M']:>2} | {r['setting']} | {r['per_call_ms']:7.2f} "
+                      f"| {r['one_pass_ms']:7.2f} | {r['ratio']:5.2f}x |", flush=True)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"clock": clock.__name__, "repeats": repeats, "scatter": rows}, f, indent=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--dims", default="10000,100000,1000000")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--aggregate-workers", default="4,16", help="M for the aggregate table")
+    ap.add_argument("--scatter-dims", default="10000,1000000")
+    ap.add_argument("--scatter-workers", default="2,4,8,16", help="M for the scatter table")
+    ap.add_argument("--json", help="store the scatter rows here")
     ap.add_argument(
         "--clock",
         choices=sorted(CLOCKS),
@@ -117,6 +174,8 @@ def main() -> None:
             for m in (int(x) for x in args.aggregate_workers.split(",")):
                 for row in bench_aggregate(d, m, args.repeats):
                     print(row, flush=True)
+    if args.scatter_dims:
+        print_scatter(args.scatter_dims, args.scatter_workers, args.repeats, args.json)
 
 
 if __name__ == "__main__":

@@ -145,6 +145,25 @@ def encode_exact(g: np.ndarray, spec: TrialSpec,
     return qsgd.encode(q, coding=spec.coding), qsgd.dequantize(q)
 
 
+def quantize_chunks(g: np.ndarray, spec: TrialSpec, rng: np.random.Generator,
+                    bounds: Sequence[tuple[int, int]]) -> list[qsgd.Quantized | np.ndarray | None]:
+    """Each chunk of ``g`` as ``encode_gradient`` would quantize it with ``chunk_spec`` (same
+    draws, in chunk order), in one pass: float32 vectors for 'none'; None for an empty chunk."""
+    if spec.scheme == "none":
+        return [np.asarray(g[lo:hi], dtype="<f4") if hi > lo else None for lo, hi in bounds]
+    return qsgd.quantize_chunks(g, spec.levels, rng, list(bounds), spec.bucket_size)
+
+
+def chunk_payload(c: qsgd.Quantized | np.ndarray, spec: TrialSpec) -> bytes:
+    """The wire bytes of one of ``quantize_chunks``' chunks."""
+    return c.tobytes() if isinstance(c, np.ndarray) else qsgd.encode(c, coding=spec.coding)
+
+
+def chunk_vector(c: qsgd.Quantized | np.ndarray) -> np.ndarray:
+    """The vector a receiver decodes from ``chunk_payload(c)`` (the codec is exact)."""
+    return c.astype(np.float64) if isinstance(c, np.ndarray) else qsgd.dequantize(c)
+
+
 def _quantize(g: np.ndarray, spec: TrialSpec, rng: np.random.Generator) -> qsgd.Quantized:
     return qsgd.quantize(g, spec.levels, rng, bucket_size=spec.bucket_size or None)
 
@@ -351,26 +370,25 @@ class WorkerNode:
     def scatter(self, w: np.ndarray, round_: int,
                 members: Sequence[int]) -> tuple[list[bytes], StepResult]:
         """allreduce, phase 1: the mini-batch gradient at ``w``, cut into one chunk per member
-        (``chunk_bounds``), each quantized in chunk order with our own generator and encoded;
-        part j goes to ``members[j]`` (b"" for an empty chunk). We keep our own part's vector,
-        so we never decode it (nor, when our chunk is empty, wait for a mean of ours). The
-        StepResult's payload is unused (b"")."""
+        (``chunk_bounds``), quantized in one pass (``quantize_chunks``: chunk order, our own
+        generator) and encoded; part j goes to ``members[j]`` (b"" for an empty chunk). We
+        keep our own part's vector, so we never decode it (nor, when our chunk is empty, wait
+        for a mean of ours). The StepResult's payload is unused (b"")."""
         t0 = time.perf_counter()
         g = self.gradient(w, round_)
         t1 = time.perf_counter()
+        bounds = chunk_bounds(self.spec, len(members))
         parts: list[bytes] = []
-        for (lo, hi), owner in zip(chunk_bounds(self.spec, len(members)), members, strict=True):
-            if hi == lo:
+        for c, owner in zip(quantize_chunks(g, self.spec, self.quant_rng, bounds), members,
+                            strict=True):
+            if c is None:
                 if owner == self.rank:  # nothing to reduce: our mean chunk is empty
                     self.own_mean = np.empty(0)
                 parts.append(b"")
                 continue
-            cs = chunk_spec(self.spec, lo, hi)
             if owner == self.rank:
-                payload, self.own_part = encode_exact(g[lo:hi], cs, self.quant_rng)
-            else:
-                payload = encode_gradient(g[lo:hi], cs, self.quant_rng)
-            parts.append(payload)
+                self.own_part = chunk_vector(c)
+            parts.append(chunk_payload(c, self.spec))
         return parts, StepResult(b"", t1 - t0, time.perf_counter() - t1)
 
     def reduce(self, round_: int, members: Sequence[int],
