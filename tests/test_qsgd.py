@@ -481,8 +481,10 @@ def _cuts(d: int, unit: int, members: int) -> list[tuple[int, int]]:
     (1, 0, 3), (7, 0, 8), (100, 0, 4), (100, 128, 2), (1000, 128, 3), (1000, 128, 16),
     (10_000, 128, 5), (257, 1, 4), (300, 7, 6), (129, 128, 2), (512, 128, 8)])
 @pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("one_pass_max_d", [qsgd.ONE_PASS_MAX_D, 0])
 def test_quantize_chunks_equals_per_chunk_quantize_byte_for_byte(
-        d, bucket_size, members, levels, coding, seed):
+        d, bucket_size, members, levels, coding, seed, one_pass_max_d, monkeypatch):
+    monkeypatch.setattr(qsgd, "ONE_PASS_MAX_D", one_pass_max_d)
     data = np.random.default_rng(seed + 100)
     v = data.standard_normal(d) * data.choice([1e-30, 1.0, 1e30])
     v[data.random(d) < 0.3] = 0.0

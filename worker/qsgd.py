@@ -80,6 +80,10 @@ MAX_LEVELS = 2**31 - 1
 # most 4 groups (31 + 5 + 3 + 2 bits) and a group is at most 31 bits long.
 _MAX_GROUP_BITS = 31
 _MAX_OMEGA_DEPTH = 4
+# quantize_chunks' one pass saves a fixed ~0.1 ms per chunk, but past this length its
+# length-d temporaries leave the cache and it is 0.6-0.9x the per-chunk speed
+# (benchmarks/codec.py, scatter table: d = 1e6, M = 2..16).
+ONE_PASS_MAX_D = 1 << 17
 
 
 class CodecError(ValueError):
@@ -293,13 +297,14 @@ def quantize_chunks(
     """``[quantize(v[lo:hi], levels, rng, bucket_size) for (lo, hi) in bounds]`` (None for an
     empty chunk), equal field for field and drawing from ``rng`` in the same order.
 
-    When every chunk starts on a bucket boundary (0 < bucket_size < len(v)), the whole vector
-    is quantized in one pass and cut: a chunk's buckets are the vector's. Otherwise each chunk
-    is its own bucket, and is quantized on its own.
+    When every chunk starts on a bucket boundary (0 < bucket_size < len(v)) and the vector
+    is at most ``ONE_PASS_MAX_D`` long, it is quantized in one pass and cut: a chunk's
+    buckets are the vector's. Otherwise each chunk is quantized on its own (its own bucket
+    when unaligned).
     """
     v = np.asarray(v, dtype=np.float64)
     bs = int(bucket_size or 0)
-    aligned = 0 < bs < v.size and all(lo % bs == 0 for lo, _ in bounds)
+    aligned = (0 < bs < v.size <= ONE_PASS_MAX_D) and all(lo % bs == 0 for lo, _ in bounds)
     if not aligned or [lo for lo, _ in bounds[1:]] != [hi for _, hi in bounds[:-1]]:
         return [quantize(v[lo:hi], levels, rng, bs or None) if hi > lo else None
                 for lo, hi in bounds]
