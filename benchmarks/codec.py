@@ -100,6 +100,22 @@ def _scatter_one_pass(g, spec, rng, bounds) -> list[bytes]:
             for c in node.quantize_chunks(g, spec, rng, bounds)]
 
 
+def _assemble_times(g, spec, m: int, repeats: int) -> tuple[float, float]:
+    """``node.assemble`` of the M mean chunks (CPU ms, medians): Elias streams walked as
+    before (the baseline) against the doubling now used for short ones, alternated."""
+    means = _scatter_one_pass(g, spec, np.random.default_rng(3), node.chunk_bounds(spec, m))
+    before = qsgd._DOUBLING_MAX_BITS  # noqa: SLF001
+    times: dict[int, list[float]] = {0: [], before: []}
+    for _ in range(repeats):
+        for limit in times:
+            qsgd._DOUBLING_MAX_BITS = limit  # noqa: SLF001
+            t0 = clock()
+            node.assemble(means, spec)
+            times[limit].append(clock() - t0)
+    qsgd._DOUBLING_MAX_BITS = before  # noqa: SLF001
+    return float(np.median(times[0])) * 1e3, float(np.median(times[before])) * 1e3
+
+
 def bench_scatter(d: int, m: int, repeats: int) -> list[dict]:
     """A worker's scatter coding per round, per call against one pass (CPU ms, medians)."""
     rows = []
@@ -117,22 +133,26 @@ def bench_scatter(d: int, m: int, repeats: int) -> list[dict]:
                 fn(g, spec, rng, bounds)
                 times[label].append(clock() - t0)
         per_call, one_pass = (float(np.median(times[k])) * 1e3 for k in times)
+        walk, doubling = _assemble_times(g, spec, m, repeats)
         rows.append({"d": d, "M": m, "setting": f"s{levels}b128{coding}",
                      "per_call_ms": per_call, "one_pass_ms": one_pass,
-                     "ratio": per_call / one_pass})
+                     "ratio": per_call / one_pass,
+                     "assemble_walk_ms": walk, "assemble_ms": doubling})
     return rows
 
 
 def print_scatter(dims: str, workers: str, repeats: int, json_path: str | None) -> None:
-    print("\n| d | M | setting | per call ms | one pass ms | ratio |")
-    print("|" + "---|" * 6)
+    print("\n| d | M | setting | scatter per call ms | one pass ms | ratio "
+          "| assemble walk ms | assemble ms |")
+    print("|" + "---|" * 8)
     rows = []
     for d in (int(x) for x in dims.split(",")):
         for m in (int(x) for x in workers.split(",")):
             for r in bench_scatter(d, m, repeats):
                 rows.append(r)
                 print(f"| {r['d']:>9,} | {r['M']:>2} | {r['setting']} | {r['per_call_ms']:7.2f} "
-                      f"| {r['one_pass_ms']:7.2f} | {r['ratio']:5.2f}x |", flush=True)
+                      f"| {r['one_pass_ms']:7.2f} | {r['ratio']:5.2f}x "
+                      f"| {r['assemble_walk_ms']:7.2f} | {r['assemble_ms']:7.2f} |", flush=True)
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"clock": clock.__name__, "repeats": repeats, "scatter": rows}, f, indent=1)
