@@ -348,7 +348,7 @@ name = "kill9"
 d = 100
 n = 1000
 [train]
-rounds = 400
+rounds = 350
 batch_size = 16
 lr = 0.1
 target_rel_error = 0
@@ -367,8 +367,8 @@ heartbeat_liveness = 3
     start = [sys.executable, "-m", "orchestrator.cli", "run", str(exp_file)]
     popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True,
              "stdin": subprocess.DEVNULL}
-    run = kill_when(subprocess.Popen([*start, "--out", str(out)], **popen), None, out, 150)
-    for rows in (700, 1300):  # in trial 2, then in trial 4
+    run = kill_when(subprocess.Popen([*start, "--out", str(out)], **popen), None, out, 100)
+    for rows in (500, 1300):  # in trial 2, then in trial 4
         run = kill_when(subprocess.Popen([*start, "--resume", str(run)], **popen),
                         run / "metrics.csv", out, rows)
         assert "kept" in (run / "events.log").read_text()
@@ -382,9 +382,7 @@ heartbeat_liveness = 3
     ref, got = read_metrics(sim / "metrics.csv"), read_metrics(run / "metrics.csv")
     for c in ("trial", "round", "rel_error", "loss", "workers"):
         np.testing.assert_array_equal(got[c], ref[c], err_msg=c)
-    whole = cli("run", str(exp_file), "--out", str(tmp_path / "whole"))  # the bytes, too
-    assert whole.returncode == 0, whole.stderr[-2000:]
-    same_rows(Path(whole.stdout.strip()), run)
+    # the bytes after a resume: test_local_agents_resume_from_a_checkpoint_bit_for_bit...
 
 
 def test_run_resume_refuses_before_starting_anything(tmp_path):
