@@ -317,6 +317,45 @@ def test_non_canonical_encodings_are_rejected():
         qsgd.decode(bytes(elias))
 
 
+def test_encode_many_and_decode_many_equal_one_by_one():
+    """Same-shape fixed vectors are packed and unpacked together; mixed batches keep their
+    order."""
+    rng = np.random.default_rng(3)
+    batch, want = [], []
+    for d, levels, bucket, coding in [(1280, 15, 128, "fixed"), (1280, 15, 128, "fixed"),
+                                      (1150, 15, 128, "fixed"), (1280, 15, 128, "elias"),
+                                      (1280, 15, 128, "fixed"), (333, 3, 50, "fixed"),
+                                      (70, 300, 0, "fixed"), (70, 300, 0, "fixed"),
+                                      (9, 1, 0, "fixed")]:
+        q = qsgd.quantize(rng.standard_normal(d) ** 3, levels, rng, bucket)
+        batch.append(qsgd.encode(q, coding))
+        want.append(q)
+    for coding in ("fixed", "elias"):
+        assert qsgd.encode_many(want, coding) == [qsgd.encode(q, coding) for q in want]
+    assert qsgd.encode_many([]) == []
+    got = qsgd.decode_many([memoryview(p) for p in batch])
+    assert got == want
+    assert got == [qsgd.decode(p) for p in batch]
+    assert qsgd.decode_many([]) == []
+
+
+def test_decode_many_rejects_a_bad_payload_among_good_ones():
+    q = qsgd.Quantized(4, 2, 0, np.array([1.0], np.float32), np.array([0, 1, 0, -2], np.int8))
+    good = qsgd.encode(q, "fixed")
+    head = good[:-2]
+    for bad in (head + bytes([0b10000100, 0b01100000]),  # negative zero
+                head + bytes([0b00001100, 0b01100000]),  # level beyond s
+                head + bytes([0b00000100, 0b01100001]),  # a padding bit
+                good[:-1]):  # truncated: another shape than its group
+        for at in range(3):
+            batch = [good, good]
+            batch.insert(at, bad)
+            with pytest.raises(CodecError):
+                qsgd.decode_many(batch)
+    with pytest.raises(CodecError, match="out of range"):
+        qsgd.decode_many([good, good], max_d=3)
+
+
 def test_decode_accepts_memoryview_and_bytearray():
     q = qsgd.quantize(np.linspace(-1, 1, 50), 4, np.random.default_rng(0))
     payload = qsgd.encode(q)
