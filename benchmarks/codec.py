@@ -96,8 +96,64 @@ def _scatter_per_call(g, spec, rng, bounds) -> list[bytes]:
 
 
 def _scatter_one_pass(g, spec, rng, bounds) -> list[bytes]:
-    return [b"" if c is None else node.chunk_payload(c, spec)
-            for c in node.quantize_chunks(g, spec, rng, bounds)]
+    chunks = node.quantize_chunks(g, spec, rng, bounds)
+    coded = iter(node.chunk_payloads([c for c in chunks if c is not None], spec))
+    return [b"" if c is None else next(coded) for c in chunks]
+
+
+def _round_per_call(g, spec, m: int, parts, means) -> None:
+    """Worker 0's coding in one allreduce round, one codec call per chunk (the baseline):
+    encode its M - 1 parts, decode the M - 1 parts of its chunk one by one, average and
+    re-quantize, decode the M - 1 other mean chunks one by one."""
+    bounds = node.chunk_bounds(spec, m)
+    rng = np.random.default_rng(2)
+    for lo, hi in bounds[1:]:
+        qsgd.encode(qsgd.quantize(g[lo:hi], spec.levels, rng, spec.bucket_size), spec.coding)
+    lo, hi = bounds[0]
+    total = qsgd.dequantize(qsgd.quantize(g[lo:hi], spec.levels, rng, spec.bucket_size))
+    for p in parts:
+        total += qsgd.dequantize(qsgd.decode(p))
+    qsgd.encode(qsgd.quantize(total / m, spec.levels, rng, spec.bucket_size), spec.coding)
+    for p in means:
+        qsgd.dequantize(qsgd.decode(p))
+
+
+def _round_batched(g, spec, m: int, parts, means) -> None:
+    """The same round as relufit's worker codes it: one-pass quantize of its chunks, the
+    parts it sends encoded together, the parts and the means it receives decoded together."""
+    bounds = node.chunk_bounds(spec, m)
+    rng = np.random.default_rng(2)
+    chunks = node.quantize_chunks(g, spec, rng, bounds)
+    node.chunk_payloads(chunks[1:], spec)
+    cs = node.chunk_spec(spec, *bounds[0])
+    mean = node.aggregate([node.chunk_vector(chunks[0]), *parts], cs)
+    node.encode_exact(mean, cs, rng)
+    node.assemble([np.zeros(bounds[0][1] - bounds[0][0]), *means], spec)
+
+
+def bench_round(d: int, workers: str, repeats: int) -> list[dict]:
+    """A worker's coding per allreduce round at each M (CPU ms, medians), per call against
+    batched, alternated."""
+    rows = []
+    for m in (int(x) for x in workers.split(",")):
+        spec = node.TrialSpec(d=d, n=0, workers=m, scheme="qsgd", levels=15, coding="fixed",
+                              bucket_size=128)
+        g = np.random.default_rng(m).standard_normal(d)
+        bounds = node.chunk_bounds(spec, m)
+        payloads = [_scatter_one_pass(g * (1 + r), spec, np.random.default_rng(r), bounds)
+                    for r in range(m)]
+        parts = [payloads[r][0] for r in range(1, m)]  # worker 0's chunk, from the others
+        means = [payloads[0][j] for j in range(1, m)]  # stand-ins of the others' mean chunks
+        times: dict[str, list[float]] = {"per_call": [], "batched": []}
+        for _ in range(repeats):
+            for label, fn in (("per_call", _round_per_call), ("batched", _round_batched)):
+                t0 = clock()
+                fn(g, spec, m, parts, means)
+                times[label].append(clock() - t0)
+        per_call, batched = (float(np.median(times[k])) * 1e3 for k in times)
+        rows.append({"d": d, "M": m, "setting": "s15b128fixed", "per_call_ms": per_call,
+                     "batched_ms": batched, "ratio": per_call / batched})
+    return rows
 
 
 def _assemble_times(g, spec, m: int, repeats: int) -> tuple[float, float]:
@@ -141,7 +197,7 @@ def bench_scatter(d: int, m: int, repeats: int) -> list[dict]:
     return rows
 
 
-def print_scatter(dims: str, workers: str, repeats: int, json_path: str | None) -> None:
+def print_scatter(dims: str, workers: str, repeats: int) -> list[dict]:
     print("\n| d | M | setting | scatter per call ms | one pass ms | ratio "
           "| assemble walk ms | assemble ms |")
     print("|" + "---|" * 8)
@@ -153,9 +209,7 @@ def print_scatter(dims: str, workers: str, repeats: int, json_path: str | None) 
                 print(f"| {r['d']:>9,} | {r['M']:>2} | {r['setting']} | {r['per_call_ms']:7.2f} "
                       f"| {r['one_pass_ms']:7.2f} | {r['ratio']:5.2f}x "
                       f"| {r['assemble_walk_ms']:7.2f} | {r['assemble_ms']:7.2f} |", flush=True)
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump({"clock": clock.__name__, "repeats": repeats, "scatter": rows}, f, indent=1)
+    return rows
 
 
 def main() -> None:
@@ -166,7 +220,9 @@ def main() -> None:
     ap.add_argument("--aggregate-workers", default="4,16", help="M for the aggregate table")
     ap.add_argument("--scatter-dims", default="10000,1000000")
     ap.add_argument("--scatter-workers", default="2,4,8,16", help="M for the scatter table")
-    ap.add_argument("--json", help="store the scatter rows here")
+    ap.add_argument("--round-dims", default="10000", help="d for the allreduce round table")
+    ap.add_argument("--round-workers", default="2,4,8,16,32", help="M for that table")
+    ap.add_argument("--json", help="store the scatter and round rows here")
     ap.add_argument(
         "--clock",
         choices=sorted(CLOCKS),
@@ -194,8 +250,22 @@ def main() -> None:
             for m in (int(x) for x in args.aggregate_workers.split(",")):
                 for row in bench_aggregate(d, m, args.repeats):
                     print(row, flush=True)
+    out: dict = {"clock": clock.__name__, "repeats": args.repeats}
     if args.scatter_dims:
-        print_scatter(args.scatter_dims, args.scatter_workers, args.repeats, args.json)
+        out["scatter"] = print_scatter(args.scatter_dims, args.scatter_workers, args.repeats)
+    if args.round_dims:
+        print("\n| d | M | setting | worker coding per round, per call ms | batched ms "
+              "| ratio |")
+        print("|" + "---|" * 6)
+        out["round"] = []
+        for d in (int(x) for x in args.round_dims.split(",")):
+            for r in bench_round(d, args.round_workers, args.repeats):
+                out["round"].append(r)
+                print(f"| {r['d']:>9,} | {r['M']:>2} | {r['setting']} | {r['per_call_ms']:7.2f} "
+                      f"| {r['batched_ms']:7.2f} | {r['ratio']:5.2f}x |", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,23 @@ def test_assemble_refuses_a_payload_that_does_not_fit_its_chunk():
         node.assemble([b"x", b"", b""], empty)
 
 
+@pytest.mark.parametrize("coding", ["fixed", "elias", "none"])
+def test_assemble_decodes_the_chunks_together_as_one_by_one(coding):
+    s = (spec(d=1003, workers=5, scheme="none") if coding == "none" else
+         spec(d=1000, workers=5, levels=15, coding=coding, bucket_size=64))
+    bounds = node.chunk_bounds(s, 5)
+    assert len({hi - lo for lo, hi in bounds}) > 1  # chunks of more than one shape
+    rng = np.random.default_rng(1)
+    means = [node.encode_gradient(rng.standard_normal(hi - lo), node.chunk_spec(s, lo, hi), rng)
+             for lo, hi in bounds]
+    want = np.concatenate([node.decode_gradient(p, node.chunk_spec(s, lo, hi))
+                           for (lo, hi), p in zip(bounds, means, strict=True)])
+    assert node.assemble(means, s).tobytes() == want.tobytes()
+    lo, hi = bounds[2]
+    kept = means[:2] + [want[lo:hi]] + means[3:]  # our own mean chunk, kept as a vector
+    assert node.assemble(kept, s).tobytes() == want.tobytes()
+
+
 # ---------------------------------------------------------------- sim
 
 

@@ -310,6 +310,10 @@ def test_decoding_on_threads_adds_the_same_bits_as_decoding_in_turn(monkeypatch,
     payloads[2] = node.encode_exact(grads[2], spec, np.random.default_rng(2))[1]  # a kept vector
     monkeypatch.setattr(node, "PARALLEL_DECODE_MIN_BYTES", {"elias": 10**9, "fixed": 10**9})
     serial = node.aggregate(payloads, spec)
+    one_by_one = np.zeros(spec.d)  # what the batched decode of small payloads must add up to
+    for p in payloads:
+        one_by_one += p if isinstance(p, np.ndarray) else node.decode_gradient(p, spec)
+    assert serial.tobytes() == (one_by_one / len(payloads)).tobytes()
     monkeypatch.undo()  # back to the real thresholds: payloads of a few kB stay in turn
     pools, real = [], node._decoder
     monkeypatch.setattr(node, "_decoder", lambda: pools.append(real()) or pools[-1])

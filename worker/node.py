@@ -154,13 +154,18 @@ def quantize_chunks(g: np.ndarray, spec: TrialSpec, rng: np.random.Generator,
     return qsgd.quantize_chunks(g, spec.levels, rng, list(bounds), spec.bucket_size)
 
 
-def chunk_payload(c: qsgd.Quantized | np.ndarray, spec: TrialSpec) -> bytes:
-    """The wire bytes of one of ``quantize_chunks``' chunks."""
-    return c.tobytes() if isinstance(c, np.ndarray) else qsgd.encode(c, coding=spec.coding)
+def chunk_payloads(cs: Sequence[qsgd.Quantized | np.ndarray],
+                   spec: TrialSpec) -> list[bytes]:
+    """The wire bytes of some of ``quantize_chunks``' chunks, encoded together
+    (``qsgd.encode_many``: one pass per chunk shape)."""
+    if spec.scheme == "none":
+        return [c.tobytes() for c in cs]
+    return qsgd.encode_many(cs, coding=spec.coding)
 
 
 def chunk_vector(c: qsgd.Quantized | np.ndarray) -> np.ndarray:
-    """The vector a receiver decodes from ``chunk_payload(c)`` (the codec is exact)."""
+    """The vector a receiver decodes from ``chunk_payloads``' bytes of ``c`` (the codec is
+    exact)."""
     return c.astype(np.float64) if isinstance(c, np.ndarray) else qsgd.dequantize(c)
 
 
@@ -170,12 +175,24 @@ def _quantize(g: np.ndarray, spec: TrialSpec, rng: np.random.Generator) -> qsgd.
 
 def decode_gradient(payload: bytes | memoryview, spec: TrialSpec) -> np.ndarray:
     """Raises ValueError (qsgd.CodecError or SpecError) on a payload that does not fit."""
-    if spec.scheme == "none":
-        return decode_weights(payload, spec.d)
-    q = qsgd.decode(payload, max_d=spec.d)  # a hostile header cannot make us allocate more
-    if q.d != spec.d or q.levels != spec.levels:
-        raise SpecError(f"gradient payload is for d={q.d}, s={q.levels}; trial has d={spec.d}")
-    return qsgd.dequantize(q)
+    return decode_gradients([payload], [spec])[0]
+
+
+def decode_gradients(payloads: Sequence[bytes | memoryview],
+                     specs: Sequence[TrialSpec]) -> list[np.ndarray]:
+    """``decode_gradient`` of each payload with its spec (all of one trial; an allreduce's
+    chunks differ in d), the QSGD ones decoded together (``qsgd.decode_many``: one pass
+    for a round's small fixed-width parts). Keep the batch small: its vectors are all
+    in memory at once."""
+    if not payloads or specs[0].scheme == "none":
+        return [decode_weights(p, s.d) for p, s in zip(payloads, specs, strict=True)]
+    # a hostile header cannot make us allocate more than the largest d we expect
+    qs = qsgd.decode_many(payloads, max_d=max(s.d for s in specs))
+    for q, s in zip(qs, specs, strict=True):
+        if q.d != s.d or q.levels != s.levels:
+            raise SpecError(f"gradient payload is for d={q.d}, s={q.levels}; "
+                            f"trial has d={s.d}, s={s.levels}")
+    return [qsgd.dequantize(q) for q in qs]
 
 
 # From payloads of this size on, decoding the M payloads of a round on one thread per CPU
@@ -185,6 +202,11 @@ def decode_gradient(payload: bytes | memoryview, spec: TrialSpec) -> np.ndarray:
 # fixed at d = 1e6 (~660 kB) 1.08-1.10x, at d = 1e5 (~66 kB) slower, 0.62-0.79x.
 # float32 is never threaded.
 PARALLEL_DECODE_MIN_BYTES = {"elias": 100_000, "fixed": 500_000}
+
+
+# Up to this d, a round's payloads are decoded together (their vectors all in memory at
+# once); beyond it one at a time, where the per-call cost is a small part anyway.
+BATCH_DECODE_MAX_D = qsgd.ONE_PASS_MAX_D
 
 
 @functools.cache
@@ -218,6 +240,12 @@ def aggregate(payloads: list[bytes | memoryview | np.ndarray], spec: TrialSpec) 
         return p if isinstance(p, np.ndarray) else decode_gradient(p, spec)
 
     total = np.zeros(spec.d)
+    if pool is None and spec.d <= BATCH_DECODE_MAX_D:  # small: decode all in one pass
+        coded = [p for p in payloads if not isinstance(p, np.ndarray)]
+        it = iter(decode_gradients(coded, [spec] * len(coded)))
+        for p in payloads:
+            total += p if isinstance(p, np.ndarray) else next(it)
+        return total / len(payloads)
     for i in range(0, len(payloads), step):
         chunk = payloads[i : i + step]
         for v in (pool.map(vector, chunk) if pool and len(chunk) > 1 else map(vector, chunk)):
@@ -250,12 +278,20 @@ def assemble(means: Sequence[bytes | memoryview | np.ndarray], spec: TrialSpec) 
     order (b"" for an empty chunk; a vector where it is already decoded). Raises ValueError on
     a payload that does not fit its chunk."""
     g = np.empty(spec.d)
+    coded: list[tuple[int, int, bytes | memoryview]] = []
     for (lo, hi), p in zip(chunk_bounds(spec, len(means)), means, strict=True):
         if hi == lo:
             if len(p):
                 raise SpecError("a payload for an empty chunk")
-            continue
-        g[lo:hi] = p if isinstance(p, np.ndarray) else decode_gradient(p, chunk_spec(spec, lo, hi))
+        elif isinstance(p, np.ndarray):
+            g[lo:hi] = p
+        else:
+            coded.append((lo, hi, p))
+    # the chunks add up to one d-vector: decode them together (one pass per chunk shape)
+    vecs = decode_gradients([p for _, _, p in coded],
+                            [chunk_spec(spec, lo, hi) for lo, hi, _ in coded])
+    for (lo, hi, _), v in zip(coded, vecs, strict=True):
+        g[lo:hi] = v
     return g
 
 
@@ -372,23 +408,28 @@ class WorkerNode:
         """allreduce, phase 1: the mini-batch gradient at ``w``, cut into one chunk per member
         (``chunk_bounds``), quantized in one pass (``quantize_chunks``: chunk order, our own
         generator) and encoded; part j goes to ``members[j]`` (b"" for an empty chunk). We
-        keep our own part's vector, so we never decode it (nor, when our chunk is empty, wait
-        for a mean of ours). The StepResult's payload is unused (b"")."""
+        keep our own part's vector instead of its bytes (b"" in its place), so we never
+        encode or decode it (nor, when our chunk is empty, wait for a mean of ours). The parts
+        we send are encoded together (``chunk_payloads``). The StepResult's payload is unused
+        (b"")."""
         t0 = time.perf_counter()
         g = self.gradient(w, round_)
         t1 = time.perf_counter()
         bounds = chunk_bounds(self.spec, len(members))
-        parts: list[bytes] = []
-        for c, owner in zip(quantize_chunks(g, self.spec, self.quant_rng, bounds), members,
-                            strict=True):
+        parts: list[bytes] = [b""] * len(members)
+        sent: list[int] = []  # the chunks we encode: not empty, not ours
+        chunks = quantize_chunks(g, self.spec, self.quant_rng, bounds)
+        for j, (c, owner) in enumerate(zip(chunks, members, strict=True)):
             if c is None:
                 if owner == self.rank:  # nothing to reduce: our mean chunk is empty
                     self.own_mean = np.empty(0)
-                parts.append(b"")
-                continue
-            if owner == self.rank:
+            elif owner == self.rank:  # kept as a vector, never encoded: nobody receives it
                 self.own_part = chunk_vector(c)
-            parts.append(chunk_payload(c, self.spec))
+            else:
+                sent.append(j)
+        for j, payload in zip(sent, chunk_payloads([chunks[j] for j in sent], self.spec),
+                              strict=True):
+            parts[j] = payload
         return parts, StepResult(b"", t1 - t0, time.perf_counter() - t1)
 
     def reduce(self, round_: int, members: Sequence[int],
