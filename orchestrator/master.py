@@ -113,6 +113,12 @@ class ZmqPool:
         self.round: _Round | None = None
         self.plan: list[int] = []  # allreduce: the ranks the chunks are planned over
         self.epoch = -1  # allreduce: bumped at every (re)plan
+        # allreduce: run_trial's leave to announce the next round as soon as this one's
+        # replies are in (WorkerPool.run_ahead); the round so announced and when; and the
+        # round a finished trial left announced, whose answers are dropped without a word
+        self.run_ahead = False
+        self.announced: tuple[_Round, float, int] | None = None
+        self.abandoned: tuple[int, int] | None = None
         self.dropped = 0
         self.saving: dict[int, dict] | None = None  # states(): the answers so far
         self.saving_round = -1
@@ -154,6 +160,7 @@ class ZmqPool:
             raise RunError(f"trial {spec.trial} needs {spec.workers} workers, pool has "
                            f"{self.workers}")
         self.spec, self.round, self.plan, self.epoch = spec, None, [], -1
+        self.announced = None
         for w in self._members(lost=True):  # lost in an earlier trial: this one reports it too
             w.reported = False
         fields: dict[str, Any] = {"spec": spec.to_dict()}
@@ -223,13 +230,45 @@ class ZmqPool:
 
     def _allreduce(self, round_: int, w: Any) -> Exchange:
         """A clock tick: ROUND to every member (with the plan when it changes, and the
-        weights when it changes after round 0); then one GRADIENT from each, carrying the
-        mean chunk it owns. A member lost before the round ends cuts it short (``retry``)."""
+        weights when it changes after round 0), unless the round was announced ahead; then
+        one GRADIENT from each, carrying the mean chunk it owns. A member lost before the
+        round ends cuts it short (``retry``). With ``run_ahead``, the next round is
+        announced as soon as the replies are in (``_announce``)."""
         spec, t0 = self.spec, time.perf_counter()
         members = self._members()
         if not members:  # run_trial fails the trial: no worker left
             return Exchange([], 0, 0, 0.0, self._new_losses())
         ranks = [m.rank for m in members]
+        early, self.announced = self.announced, None
+        if early is not None and early[0].round == round_ and ranks == self.plan:
+            rnd, t0, bytes_down = early  # the workers went ahead: replies may be here already
+        else:  # (announced, but a worker was lost since: planned and announced again)
+            rnd, frames = self._plan_round(round_, ranks, w)
+            for m in members:
+                self._send(m, frames)
+            bytes_down = len(members) * sum(protocol.frame_bytes(f) for f in frames)
+            bytes_down += early[2] if early is not None else 0
+        self.round = rnd
+        while rnd.pending:
+            self._pump()
+            if any(m.lost for m in members):
+                break
+        self.round = None
+        lost = self._new_losses()
+        if rnd.pending:  # cut short by a loss: run_trial decides (abort, or again)
+            return Exchange([], rnd.bytes_up, bytes_down, 0.0, lost, rnd.bytes_peer, retry=True)
+        wall = time.perf_counter() - t0
+        if self.run_ahead and round_ + 1 < spec.rounds:
+            self._announce(round_ + 1, members)
+        replies = [rnd.replies[r] for r in ranks]
+        slowest = max(rnd.busy_s.values(), default=0.0)
+        return Exchange(replies, rnd.bytes_up, bytes_down, max(0.0, wall - slowest), lost,
+                        rnd.bytes_peer)
+
+    def _plan_round(self, round_: int, ranks: list[int], w: Any) -> tuple[_Round, list[Any]]:
+        """allreduce: the round's bookkeeping and its ROUND, the same for every member: with
+        the plan when it changes, and the weights when it changes after round 0."""
+        spec = self.spec
         fields: dict[str, Any] = {}
         payloads: list[Any] = []
         if ranks != self.plan:
@@ -239,27 +278,25 @@ class ZmqPool:
                 payloads = [node.encode_weights64(w)]
         rnd = _Round(spec.trial, round_, set(ranks))
         rnd.bounds = dict(zip(ranks, node.chunk_bounds(spec, len(ranks)), strict=True))
-        self.round = rnd
-        frames = protocol.build(protocol.ROUND, payloads, pad=protocol.ROUND_HEADER,
-                                trial=spec.trial, round=round_, **fields)  # the same for all
+        return rnd, protocol.build(protocol.ROUND, payloads, pad=protocol.ROUND_HEADER,
+                                   trial=spec.trial, round=round_, **fields)
+
+    def _announce(self, round_: int, members: list[_Worker]) -> None:
+        """allreduce: ROUND ``round_`` right away, while run_trial still takes the step of
+        the round before: a worker starts it as soon as it holds that round's means, and the
+        master's hop is off the round's critical path. Only with the plan unchanged (no
+        weights to send), so the ROUND is what ``exchange(round_)`` would send."""
+        rnd, frames = self._plan_round(round_, [m.rank for m in members], None)
         for m in members:
             self._send(m, frames)
-        bytes_down = len(members) * sum(protocol.frame_bytes(f) for f in frames)
-        while rnd.pending:
-            self._pump()
-            if any(m.lost for m in members):
-                break
-        self.round = None
-        lost = self._new_losses()
-        if rnd.pending:  # cut short by a loss: run_trial decides (abort, or again)
-            return Exchange([], rnd.bytes_up, bytes_down, 0.0, lost, rnd.bytes_peer, retry=True)
-        replies = [rnd.replies[r] for r in ranks]
-        slowest = max(rnd.busy_s.values(), default=0.0)
-        return Exchange(replies, rnd.bytes_up, bytes_down,
-                        max(0.0, time.perf_counter() - t0 - slowest), lost, rnd.bytes_peer)
+        self.round = rnd  # its GRADIENTs may come before exchange(round_) is called
+        self.announced = (rnd, time.perf_counter(),
+                          len(members) * sum(protocol.frame_bytes(f) for f in frames))
 
     def end_trial(self) -> None:
-        self.spec, self.round = None, None
+        if self.announced is not None:  # stopped at the target: that round is not wanted
+            self.abandoned = (self.announced[0].trial, self.announced[0].round)
+        self.spec, self.round, self.announced = None, None, None
 
     def close(self) -> None:
         """STOP every agent still with us, then close the socket (lingering so STOP leaves)."""
@@ -445,6 +482,8 @@ class ZmqPool:
 
     def _on_gradient(self, w: _Worker, msg: protocol.Message) -> None:
         rnd, spec = self.round, self.spec
+        if (msg.get("trial"), msg.get("round")) == self.abandoned:
+            return  # a round announced ahead when the trial stopped at its target
         if rnd is None or spec is None or (msg.get("trial"), msg.get("round")) != (
                 rnd.trial, rnd.round) or w.rank not in rnd.pending:
             raise ProtocolError(f"stale GRADIENT for trial {msg.get('trial')} round "

@@ -78,7 +78,14 @@ class WorkerPool(Protocol):
     float64 (allreduce: sent only when the chunks are re-planned, to re-sync the replicas).
     ``relay``: last round's replies (allgather: gradients; allreduce: mean chunks).
     ``start_trial`` with a checkpoint takes every worker up where it left off;
-    ``states`` is every worker's generator states between two rounds (rank -> states)."""
+    ``states`` is every worker's generator states between two rounds (rank -> states).
+    ``run_trial`` sets ``run_ahead`` before each round: whether the pool may start the
+    next round as soon as this one's replies are in, before its step is taken (False when
+    a checkpoint follows the round, since the workers' states must be those between the
+    two rounds). A pool that does (``ZmqPool``, allreduce) may thus have started one round
+    that is not wanted when the trial stops at its target; nothing of it is recorded."""
+
+    run_ahead: bool
 
     def start_trial(self, spec: TrialSpec, resume: Checkpoint | None = None) -> None: ...
 
@@ -194,6 +201,8 @@ def run_trial(
         for r in range(first, spec.rounds):
             if INTERRUPT_REQUESTED.is_set():  # a KeyboardInterrupt that was swallowed
                 raise KeyboardInterrupt
+            checkpoint = due(r)  # decided before the round: the workers may not wait after it
+            pool.run_ahead = not checkpoint
             ex = pool.exchange(r, _down(spec, w, update), relay)
             while True:
                 for rank, why in ex.lost:
@@ -243,7 +252,7 @@ def run_trial(
                 raise TrialFailed(f"diverged in round {r} (rel_error {err}); lower train.lr")
             if spec.target_rel_error > 0 and err <= spec.target_rel_error:
                 break
-            if due(r):
+            if checkpoint:
                 states = pool.states(r)
                 if len(states) == spec.workers and not lost:  # else: next time
                     on_checkpoint(Checkpoint(
@@ -292,6 +301,8 @@ def _again(before: Exchange, after: Exchange) -> Exchange:
 
 class SimPool:
     """The reference backend: the M workers in this process, called in rank order."""
+
+    run_ahead = False  # each round runs whole within exchange(): nothing to start early
 
     def __init__(self) -> None:
         self.nodes: list[WorkerNode] = []
