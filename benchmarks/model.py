@@ -13,15 +13,26 @@ Per topology the round is a sum of five costs, each a known count times a fitted
   means a worker sends one after another); an MPI ring 2 (M - 1) steps.
 - bytes / rate: the busiest link's bytes on the critical path over its nominal rate; kappa
   (>= 1) is how far below nominal the link really runs (TCP, framing, tbf's bucket). For a
-  compressed payload P of the whole vector and F = 4d: ps M P + M F (the master's link, up
-  then down), broadcast 2 M P, allgather M P + M (M - 1) P, allreduce (M - 1)/M P + P (a
+  compressed payload P of the whole vector and F = 4d, the master's link carrying the M - 1
+  workers that are not on its node (it runs on node 0, next to worker 0): ps (M - 1)(P + F)
+  (up, then down), broadcast 2 (M - 1) P, allgather (M - 1) P + (M - 1)^2 P, allreduce
+  (M - 1)/M P + P (a
   worker's link in the scatter, then the master's, which takes the M mean chunks while the
   workers swap theirs), MPI ring 2 (M - 1)/M F.
 - coded coordinates and codec calls: on the critical path (the slowest worker, then the
   master): ps d + M d (M calls at the master); broadcast 2d + (M + 1) d; allgather M d + M d;
-  allreduce d + 2 (M - 1)/M d + d/M on a worker (3M - 1 calls) and d at the master (M calls).
-  float32 codes nothing.
-- delta: the gradient per coordinate and sample.
+  allreduce d + 2 (M - 1)/M d + d/M on a worker and d at the master. An allreduce worker's
+  calls are batched (the code since 2026-12-03; scaling.py's rows say ``"codec":
+  "batched"``): one
+  quantize of its chunks, one encode pass per chunk shape for the parts it sends, one decode
+  pass for the parts it receives, a quantize and an encode of its mean, one decode pass per
+  shape for the means (chunks come in at most 3 shapes: k = min(M - 1, 3)), so 4 + 2k calls,
+  and the master min(M, 3); rows without that field were measured with the code before,
+  one call per chunk: 3M - 1 and M. float32 codes nothing.
+- delta: the gradient per coordinate and sample. Not fitted but measured (``--delta-ns``,
+  default 0.77 ns: benchmarks/floor.py's one worker alone, 0.99 ms at d = 1e4 and batch
+  128): fitted, the noisy rows gave it 0 and the other terms its time, which left the
+  gradient out of every prediction.
 - crowding = max(1, M / cores): the workers' own costs (gradient, their coding) stretch when
   M processes share ``cores`` CPUs, as they do on the 2-core machine the rows come from.
 
@@ -60,7 +71,7 @@ TOPOLOGIES = ("broadcast", "allreduce", "mpi-allreduce")
 
 
 def features(topology: str, setting: str, m: int, d: int, batch: int, bps: float,
-             cores: float, online: bool = False) -> np.ndarray:
+             cores: float, online: bool = False, batched: bool = True) -> np.ndarray:
     """The counts of one round (see the module doc), in PARAMS' order and units: 1 (a fixed
     cost a round), messages, seconds of bytes at nominal rate (x1e3: ms), coordinates (x1e-6:
     ns -> ms), calls (x1e-3: us -> ms), d * batch * crowding (x1e-6), and the same again for
@@ -71,19 +82,20 @@ def features(topology: str, setting: str, m: int, d: int, batch: int, bps: float
     coded = setting != "fp32"
     if topology == "mpi-allreduce":
         msgs, nbytes, coords, calls = 2 * (m - 1), 2 * (m - 1) / m * f, 0.0, 0.0
-    elif topology == "ps":
-        msgs, nbytes = 2, m * p + m * f
+    elif topology == "ps":  # the master's link: the M - 1 workers not on its node
+        msgs, nbytes = 2, (m - 1) * (p + f)
         coords, calls = d * crowd + m * d, crowd + m
     elif topology == "broadcast":
-        msgs, nbytes = 2, 2 * m * p
+        msgs, nbytes = 2, 2 * (m - 1) * p
         coords, calls = 2 * d * crowd + (m + 1) * d, 2 * crowd + m + 1
     elif topology == "allgather":
-        msgs, nbytes = 2, m * p + m * (m - 1) * p
+        msgs, nbytes = 2, (m - 1) * p + (m - 1) ** 2 * p
         coords, calls = m * d * crowd + m * d, m * crowd + m
     elif topology == "allreduce":
         msgs, nbytes = 3 + 2 * (m - 1), (m - 1) / m * p + p
         coords = (d + 2 * (m - 1) / m * d + d / m) * crowd + d
-        calls = (3 * m - 1) * crowd + m
+        k = min(m - 1, 3)  # chunk shapes a worker codes: one pass each
+        calls = ((4 + 2 * k) * crowd + min(m, 3)) if batched else (3 * m - 1) * crowd + m
     else:
         raise ValueError(topology)
     if not coded:
@@ -193,6 +205,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("rows", type=Path, help="benchmarks/scaling.py --json output")
     p.add_argument("--cores", type=float, default=2.0, help="CPUs of the measuring machine")
+    p.add_argument("--delta-ns", type=float, default=0.77,
+                   help="the gradient's cost per coordinate and sample (floor.py, alone)")
     p.add_argument("--batch", type=int, default=128, help="per worker, at d = 1e4")
     p.add_argument("--big-batch", type=int, default=16, help="per worker, at d = 1e6")
     p.add_argument("--plot", type=Path)
@@ -202,7 +216,7 @@ def main() -> None:
     for r in rows:  # scaling.py's --big-d rows: online data, a smaller batch
         r.setdefault("batch", args.batch if r["d"] <= 10_000 else args.big_batch)
         r.setdefault("n", 1 if r["d"] <= 10_000 else 0)
-    x, errs = fit_rows(rows, args.cores)
+    x, errs = fit_rows(rows, args.cores, {PARAMS.index("delta_ns"): args.delta_ns})
     print("fitted: " + ", ".join(f"{k} = {v:.4g}" for k, v in zip(PARAMS, x, strict=True)))
     print("| link | d | M | topology | setting | measured ms | model ms | error |\n"
           + "|---" * 8 + "|")
@@ -232,14 +246,22 @@ def main() -> None:
                                          "errors": errs, "predictions": pred}, indent=1))
 
 
-def fit_rows(rows: list[dict], cores: float) -> tuple[np.ndarray, list[dict]]:
-    """The constants by NNLS on relative error (each row with its own batch), and each row's
-    error."""
+def fit_rows(rows: list[dict], cores: float,
+             pinned: dict[int, float] | None = None) -> tuple[np.ndarray, list[dict]]:
+    """The constants by NNLS on relative error (each row with its own batch), ``pinned``
+    ones (column -> value) held as measured, and each row's error."""
     usable = [r for r in rows if r["setting"] in SETTING_BYTES and r["round_ms"] > 0]
     a = np.array([features(r["topology"], r["setting"], r["M"], r["d"], r["batch"],
-                           rate_of(r["link"]), cores, r.get("n", 1) == 0) for r in usable])
+                           rate_of(r["link"]), cores, r.get("n", 1) == 0,
+                           r.get("codec") == "batched") for r in usable])
     t = np.array([r["round_ms"] for r in usable])
-    x = nnls(a / t[:, None], np.ones(len(t)))
+    pinned = pinned or {}
+    free = [j for j in range(a.shape[1]) if j not in pinned]
+    held = sum((a[:, j] * v for j, v in pinned.items()), np.zeros(len(t)))
+    x = np.zeros(a.shape[1])
+    x[free] = nnls(a[:, free] / t[:, None], 1 - held / t)
+    for j, v in pinned.items():
+        x[j] = v
     errs = [{**{k: r[k] for k in ("link", "d", "M", "topology", "setting")},
              "measured_ms": float(ti), "model_ms": float(ai @ x), "error": float(ai @ x / ti - 1)}
             for r, ai, ti in zip(usable, a, t, strict=True)]

@@ -4,7 +4,7 @@ Run (Linux, root; needs openmpi-bin and mpi4py for the MPI rows):
     python benchmarks/scaling.py [--links 10mbit,100mbit] [--workers 2,4,8]
         [--topologies broadcast,allreduce] [--settings fp32,s15b128fixed] [--d 10000]
         [--n 100000] [--batch 128] [--lr 0.045] [--rounds 60] [--big-d 1000000]
-        [--big-link 100mbit] [--json OUT] [--sims FILE] [--from-json IN]
+        [--big-link 100mbit] [--big-rounds 20] [--json OUT] [--sims FILE] [--from-json IN]
 
 Per link rate it brings up ONE netns cluster with the largest worker count (name prefix
 ``scb<pid>-``), deploys once, and for each M runs, on the first M workers' hosts: every
@@ -136,7 +136,7 @@ def cluster_rows(name: str, link: str, m: int, exp_file: Path, topologies: list[
             mt, setting = t["metrics"], setting_name(t["params"])
             sl = slice(WARMUP, None)
             row = {"link": link, "d": d, "n": n, "batch": batch, "M": m, "topology": topo,
-                   "setting": setting,
+                   "setting": setting, "codec": "batched",  # one pass per chunk shape
                    "round_ms": 1e3 * float(np.median(np.diff(mt["elapsed_s"])[WARMUP - 1:])),
                    "compute_ms": 1e3 * float(np.median(mt["t_compute"][sl])),
                    "coding_ms": 1e3 * float(np.median((mt["t_encode"] + mt["t_decode"])[sl])),
@@ -215,11 +215,12 @@ def run_link(link: str, args: argparse.Namespace, tmp: Path, sims: dict,
                     r["vs_floor"] = r["round_ms"] / r["floor_ms"]
         if args.big_d and link == args.big_link:
             big = tmp / "scaling-big.toml"
-            big.write_text(experiment(args.big_d, 0, 16, 1e-4, 8, 0, max(ms)))
+            big.write_text(experiment(args.big_d, 0, 16, 1e-4, args.big_rounds, 0, max(ms)))
             rows += cluster_rows(name, link, 4, big, topologies, settings, {}, Path("results"),
                                  args.big_d, bps, 0, 16)
             if args.mpi:
-                rows.append(mpi_row(name, link, 4, args.big_d, 0, 16, 1e-4, 8, None, bps))
+                rows.append(mpi_row(name, link, 4, args.big_d, 0, 16, 1e-4, args.big_rounds,
+                                    None, bps))
     finally:
         subprocess.run(["relufit", "cluster", "down", name], capture_output=True)
     return rows
@@ -280,6 +281,8 @@ def main() -> None:
     p.add_argument("--max-rounds", type=int, default=5000, help="sim's budget to the target")
     p.add_argument("--big-d", type=int, default=1_000_000, help="0: skip")
     p.add_argument("--big-link", default="100mbit")
+    p.add_argument("--big-rounds", type=int, default=20,
+                   help="rounds per --big-d row (8 gave 2.13x and 2.57x in two runs)")
     p.add_argument("--mpi", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--json", type=Path)

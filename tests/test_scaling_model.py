@@ -27,9 +27,19 @@ def test_the_allreduce_masters_bytes_do_not_grow_with_the_workers_and_broadcasts
     ar = [model.features("allreduce", "s15b128fixed", m, d, 128, bps, m)[col] for m in (2, 8, 64)]
     bc = [model.features("broadcast", "s15b128fixed", m, d, 128, bps, m)[col] for m in (2, 8, 64)]
     mpi = [model.features("mpi-allreduce", "fp32", m, d, 128, bps, m)[col] for m in (2, 8, 64)]
-    assert max(ar) < 2 * min(ar) and bc[2] == pytest.approx(32 * bc[0])
+    assert max(ar) < 2 * min(ar) and bc[2] == pytest.approx(63 * bc[0])  # 2 (M - 1) P
     assert mpi[2] == pytest.approx(2 * 63 / 64 * 4 * d * 8e3 / bps)
     assert model.features("allreduce", "fp32", 8, d, 128, bps, 8)[3:5].tolist() == [0, 0]
+
+
+def test_an_allreduce_workers_codec_calls_stop_growing_with_m_once_batched():
+    def calls(m: int, batched: bool) -> float:
+        f = model.features("allreduce", "s15b128fixed", m, 10_000, 128, 10e6, 1e6, False,
+                           batched)  # cores to spare: no crowding
+        return round(f[4] * 1e3, 9)  # the column is calls x 1e-3
+
+    assert [calls(m, False) for m in (2, 8, 64)] == [5 + 2, 23 + 8, 191 + 64]
+    assert [calls(m, True) for m in (2, 8, 64)] == [6 + 2, 10 + 3, 10 + 3]
 
 
 def test_nnls_recovers_known_constants_and_fits_them_exactly():
@@ -42,7 +52,8 @@ def test_nnls_recovers_known_constants_and_fits_them_exactly():
                                   ("mpi-allreduce", "fp32")):
                 f = model.features(topo, setting, m, 10_000, 128, model.rate_of(link), 2)
                 rows.append({"link": link, "d": 10_000, "M": m, "topology": topo,
-                             "setting": setting, "round_ms": float(f @ truth), "batch": 128})
+                             "setting": setting, "round_ms": float(f @ truth), "batch": 128,
+                             "codec": "batched"})
     x, errs = model.fit_rows(rows, 2)
     np.testing.assert_allclose(x, truth, rtol=1e-6)
     assert max(abs(e["error"]) for e in errs) < 1e-9
