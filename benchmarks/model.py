@@ -36,10 +36,10 @@ Per topology the round is a sum of five costs, each a known count times a fitted
 - crowding = max(1, M / cores): the workers' own costs (gradient, their coding) stretch when
   M processes share ``cores`` CPUs, as they do on the 2-core machine the rows come from.
 
-The five constants are fitted by non-negative least squares on relative error (every row
-weighs alike, whatever its size) and the error on each row is reported. The prediction
-then sets cores = M (one core per worker, as on EC2) and the nominal rates of the netns
-backend's dated EC2 presets.
+The constants are fitted by non-negative least squares on relative error (every row weighs
+alike, whatever its size) and the error on each row is reported. The prediction then sets
+cores = M + 1 (one core per worker and one for the master, as on EC2) and the nominal rates
+of the netns backend's dated EC2 presets.
 
 Rounds to 1e-6 for the predictions: the measured (sim) rounds at the largest measured M are
 used for every larger M (more workers, a larger global batch, no more rounds: a conservative
@@ -145,7 +145,7 @@ def predict(x: np.ndarray, rows: list[dict], batch: int) -> list[dict]:
         if topo == "mpi-allreduce" and setting != "fp32":
             continue
         for m in (2, 4, 8, 16, 32, 64, 128, 256):
-            ms = float(features(topo, setting, m, d, batch, LINKS[preset].bits_per_s, m) @ x)
+            ms = float(features(topo, setting, m, d, batch, LINKS[preset].bits_per_s, m + 1) @ x)
             # (held data, as at d = 1e4; one core per worker and one for the master)
             rounds = rounds_for(rows, topo, setting, m, d)
             out.append({"preset": preset, "d": d, "M": m, "topology": topo, "setting": setting,
