@@ -319,6 +319,43 @@ def test_a_worker_sigkilled_mid_round(tmp_path, policy):
         assert t1["status"] == "failed"
 
 
+def test_a_peer_nobody_can_reach_fails_the_trial_with_its_address_instead_of_a_hang(tmp_path):
+    """Agent 1 announces a peer address where it does not listen (as behind a firewall):
+    the others cannot connect to it, say so within --timeout, and the trial fails naming
+    the endpoint, where it used to wait for its parts forever."""
+    import subprocess
+
+    from orchestrator.master import ZmqPool
+    from orchestrator.providers.local import agent_argv, stop_processes
+
+    exp = experiment(cluster={"topology": "allreduce", "on_worker_loss": "abort"},
+                     problem={"d": 40, "n": 600})
+    pool = ZmqPool.for_experiment(exp, "tcp://127.0.0.1:*")
+    procs = []
+    try:
+        for rank in range(exp.cluster.workers):
+            extra = ["--peer-host", "127.0.0.3"] if rank == 1 else []  # it binds 127.0.0.1
+            procs.append(subprocess.Popen(agent_argv(pool.endpoint, rank, 3) + extra,
+                                          stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                          start_new_session=True))
+        pool.processes = procs
+        pool.wait_for_workers(20)
+        t = time.monotonic()
+        path = run_experiment(exp, pool, tmp_path, "local", **QUIET)
+        took = time.monotonic() - t
+    finally:
+        pool.close()
+        stop_processes(procs)
+    assert took < 30  # the 3 s --timeout, not a hang
+    trial = load_run(path)["summary"]["trials"][0]
+    assert trial["status"] == "failed"
+    assert "cannot connect to peer(s) 1 at tcp://127.0.0.3:" in trial["reason"]
+    assert "5556-5655" in trial["reason"]
+    err = procs[0].stderr.read().decode()
+    assert "cannot connect to peer(s) 1 at tcp://127.0.0.3:" in err
+    assert procs[0].returncode == 4  # EXIT_PEER_UNREACHABLE
+
+
 # ---------------------------------------------------------------- peer sockets
 
 

@@ -31,7 +31,7 @@ from worker.protocol import Liveness, ProtocolError
 
 log = logging.getLogger("relufit.agent")
 
-EXIT_STOPPED, EXIT_REFUSED, EXIT_MASTER_SILENT = 0, 1, 3
+EXIT_STOPPED, EXIT_REFUSED, EXIT_MASTER_SILENT, EXIT_PEER_UNREACHABLE = 0, 1, 3, 4
 RECONNECT_IVL_MS = 100
 RECONNECT_IVL_MAX_MS = 5000  # reconnect backoff doubles up to this cap
 # Largest frame accepted before the trial's d is known: float32 weights at the largest d.
@@ -221,6 +221,8 @@ class Agent:
                 if self.peers.router in events:
                     self._on_peer_messages()
                 now = time.monotonic()
+                if self.peers.waiting and self._peers_unreachable(now):
+                    return EXIT_PEER_UNREACHABLE
                 if self.live.expired(now):
                     print(f"relufit agent: the master at {self.opts.master} has been silent for "
                           f"{now - self.live.last_heard:.1f} s; exiting", file=sys.stderr)
@@ -229,6 +231,20 @@ class Agent:
                     self._heartbeat(now)
         finally:
             self.close()
+
+    def _peers_unreachable(self, now: float) -> bool:
+        """A peer whose connection has not come up within --timeout: say so to the master
+        (which takes us for lost, with this reason) and on stderr, rather than wait in
+        every round for parts and means that cannot come."""
+        late = self.peers.unreachable(now)
+        if not late:
+            return False
+        where = ", ".join(f"{r} at {endpoint}" for r, endpoint in late)
+        why = (f"worker {self.rank} cannot connect to peer(s) {where} within "
+               f"{self.opts.timeout:g} s: is the peer port (5556-5655) open between the hosts?")
+        print(f"relufit agent: {why}", file=sys.stderr)
+        self._send(protocol.build(protocol.ERROR, message=why[: protocol.MAX_MESSAGE]))
+        return True
 
     def close(self) -> None:
         self.compute.jobs.put(None)
@@ -315,7 +331,7 @@ class Agent:
             endpoints = msg.get("peers")
             if not isinstance(endpoints, list) or len(endpoints) != spec.workers:
                 raise ProtocolError(f"allreduce TRIAL must list {spec.workers} peer endpoints")
-            self.peers.connect(self.rank, endpoints)
+            self.peers.connect(self.rank, endpoints, time.monotonic() + self.opts.timeout)
         resume, first = msg.get("resume"), 0
         if resume is not None:
             first, resume = resume["round"], (resume["states"], *msg.payloads)

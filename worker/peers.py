@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from worker import curve, protocol
 
@@ -64,6 +65,9 @@ class Peers:
         self.ctx, self.curve_dir, self.max_frame = ctx, curve_dir, max_frame
         self.auth = None  # one per context: ZeroMQ's ZAP handler is a context-wide endpoint
         self.out: dict[int, tuple[str, zmq.Socket]] = {}  # rank -> (endpoint, DEALER)
+        # rank -> (its DEALER's monitor, the time by which it must have connected), until
+        # it has: a peer we cannot reach (a firewall) would otherwise stall every round
+        self.waiting: dict[int, tuple[zmq.Socket, float]] = {}
         self.router = ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.MAXMSGSIZE, max_frame)
@@ -84,9 +88,11 @@ class Peers:
             self.close()
             raise
 
-    def connect(self, rank: int, peers: list[str | None]) -> None:
+    def connect(self, rank: int, peers: list[str | None],
+                deadline: float = float("inf")) -> None:
         """DEALERs to every other rank with an endpoint; kept across trials while the
-        endpoint is the same."""
+        endpoint is the same. Each new one must connect by ``deadline`` (monotonic time;
+        ``unreachable`` says which did not)."""
         for r, endpoint in enumerate(peers):
             if r == rank or endpoint is None:
                 continue
@@ -94,14 +100,36 @@ class Peers:
             if old is not None and old[0] == endpoint:
                 continue
             if old is not None:
+                self._forget(r)
                 old[1].close(linger=0)
             s = self.ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 0)
             s.setsockopt(zmq.ROUTING_ID, f"p{rank}-{os.getpid()}-{os.urandom(4).hex()}".encode())
             if self.curve_dir:
                 curve.set_peer_client(s, Path(self.curve_dir))
+            self.waiting[r] = (s.get_monitor_socket(zmq.EVENT_CONNECTED), deadline)
             s.connect(endpoint)
             self.out[r] = (endpoint, s)
+
+    def unreachable(self, now: float) -> list[tuple[int, str]]:
+        """The peers (rank, endpoint) whose connection has not come up by its deadline; the
+        ones that did are forgotten (their monitors closed)."""
+        late = []
+        for r, (mon, deadline) in list(self.waiting.items()):
+            connected = False
+            while mon.poll(0):
+                connected |= recv_monitor_message(mon)["event"] == zmq.EVENT_CONNECTED
+            if connected:
+                self._forget(r)
+            elif now > deadline:
+                late.append((r, self.out[r][0]))
+        return late
+
+    def _forget(self, rank: int) -> None:
+        entry = self.waiting.pop(rank, None)
+        if entry is not None:
+            self.out[rank][1].disable_monitor()
+            entry[0].close(linger=0)
 
     def send(self, rank: int, frames: list[Any]) -> int:
         """Send to ``rank`` without blocking; returns the bytes sent (0 when it could not be
@@ -139,6 +167,8 @@ class Peers:
         return out
 
     def close(self) -> None:
+        for r in list(self.waiting):
+            self._forget(r)
         for _, s in self.out.values():
             s.close(linger=0)
         self.out = {}
