@@ -241,7 +241,8 @@ class Agent:
             return False
         where = ", ".join(f"{r} at {endpoint}" for r, endpoint in late)
         why = (f"worker {self.rank} cannot connect to peer(s) {where} within "
-               f"{self.opts.timeout:g} s: is the peer port (5556-5655) open between the hosts?")
+               f"{self.opts.timeout:g} s: are the peer ports ({peers.PEER_PORTS[0]}-"
+               f"{peers.PEER_PORTS[1]}) open between the hosts?")
         print(f"relufit agent: {why}", file=sys.stderr)
         self._send(protocol.build(protocol.ERROR, message=why[: protocol.MAX_MESSAGE]))
         return True
