@@ -339,20 +339,24 @@ def test_curve_between_a_listening_master_and_separately_started_agents(tmp_path
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     agents = [subprocess.Popen(agent_cmd(endpoint, "--curve-dir", str(keys)),
                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    # an agent without keys never gets in
+    # an agent without keys never gets in, and says why
     intruder = subprocess.Popen(agent_cmd(endpoint, "--timeout", "3"), stderr=subprocess.PIPE,
                                 text=True)
     try:
         out, err = master.communicate(timeout=60)
         codes = [a.wait(timeout=10) for a in agents]
-        intruder.wait(timeout=10)
+        _, intruder_err = intruder.communicate(timeout=20)
     finally:
         for p in [master, *agents, intruder]:
             if p.poll() is None:
                 p.kill()
                 p.wait()
     assert master.returncode == 0, err
-    assert codes == [0, 0] and intruder.returncode == 3
+    assert codes == [0, 0]
+    # refused at the handshake while the master ran; silent if it had ended before
+    assert intruder.returncode in (1, 3), intruder_err
+    if intruder.returncode == 1:
+        assert "security mechanism (the agent has no --curve-dir)" in intruder_err
     assert "CurveZMQ" in err and "secret" not in err.lower()
     run = load_run(out.strip())
     exp = from_dict({"problem": {"d": 16, "n": 600, "seed": 5},
@@ -422,3 +426,93 @@ def test_an_agent_whose_heartbeat_queue_is_full_keeps_going():
         agent.sock.close(linger=0)
         agent.bell.close(linger=0)
         agent.ctx.term()
+
+
+def _curve_router(ctx, keys):
+    """A master-side ROUTER with the run's keys, as ZmqPool binds it."""
+    from worker import curve
+
+    r = ctx.socket(zmq.ROUTER)
+    auth = curve.set_server(r, ctx, keys)
+    return r, r.bind_to_random_port("tcp://127.0.0.1"), auth
+
+
+@pytest.mark.parametrize("agent_keys", ["none", "other"])
+def test_an_agent_whose_handshake_the_master_turns_down_says_why_and_exits_at_once(
+        tmp_path, agent_keys):
+    # ZeroMQ drops a connection whose handshake failed on the mechanism or the key, and
+    # does not retry: the agent must not wait out its timeout, let alone block in a send.
+    keys = create_curve_keys(tmp_path / "keys")
+    ctx = zmq.Context()
+    r, port, auth = _curve_router(ctx, keys)
+    extra = ["--timeout", "30"]
+    if agent_keys == "other":  # the right server key, a client pair that is not the run's
+        other = create_curve_keys(tmp_path / "other")
+        (other / "server.key").write_bytes((keys / "server.key").read_bytes())
+        extra += ["--curve-dir", str(other)]
+    t0 = time.monotonic()
+    proc = subprocess.run(agent_cmd(f"tcp://127.0.0.1:{port}", *extra), capture_output=True,
+                          text=True, timeout=60)
+    elapsed = time.monotonic() - t0
+    auth.stop()
+    r.close(linger=0)
+    ctx.term()
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("relufit agent: the master at tcp://")
+    if agent_keys == "none":
+        assert "security mechanism (the agent has no --curve-dir)" in lines[0]
+    else:
+        assert "refused this agent's CurveZMQ key" in lines[0]
+    assert elapsed < 25  # not the 30 s timeout
+
+
+def test_a_send_after_a_failed_handshake_reports_it_instead_of_blocking(tmp_path):
+    # The race CI once lost: the handshake failed before HELLO was queued, and a blocking
+    # send on a DEALER with no connection left waited for ever.
+    from worker.agent import Agent, AgentOptions, _Refused
+
+    keys = create_curve_keys(tmp_path / "keys")
+    ctx = zmq.Context()
+    r, port, auth = _curve_router(ctx, keys)
+    agent = Agent(AgentOptions(master=f"tcp://127.0.0.1:{port}", timeout=5))
+    try:
+        agent._connect()
+        assert agent.handshake.poll(5000)  # the failure is reported before we send
+        hello = protocol.build(protocol.HELLO, rank=None, pid=os.getpid(), peer_port=0,
+                               peer_host=None)
+        t0 = time.monotonic()
+        with pytest.raises(_Refused, match="security mechanism") as e:
+            # ZeroMQ takes messages into the dropped queue until the socket has processed
+            # the news (on a later send); then a send finds no connection, where a blocking
+            # send used to wait for ever
+            for _ in range(40):
+                agent._send(hello)
+                time.sleep(0.05)
+        assert e.value.code == 1 and time.monotonic() - t0 < 4.5  # not the 5 s timeout
+    finally:
+        agent.close()
+        auth.stop()
+        r.close(linger=0)
+        ctx.term()
+
+
+def test_an_agent_with_the_wrong_server_key_is_told_so_when_it_gives_up(tmp_path):
+    # A client that does not hold the master's public key cannot complete the handshake;
+    # ZeroMQ retries, so the agent waits out --timeout and then names the likely cause.
+    keys = create_curve_keys(tmp_path / "keys")
+    other = create_curve_keys(tmp_path / "other")
+    for name in ("client.key", "client.key_secret"):
+        (other / name).write_bytes((keys / name).read_bytes())
+    ctx = zmq.Context()
+    r, port, auth = _curve_router(ctx, keys)
+    try:
+        proc = subprocess.run(agent_cmd(f"tcp://127.0.0.1:{port}", "--timeout", "2",
+                                        "--curve-dir", str(other)),
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        auth.stop()
+        r.close(linger=0)
+        ctx.term()
+    assert proc.returncode == 3, proc.stderr
+    assert "secure handshake(s) with it failed: is server.key in --curve-dir" in proc.stderr

@@ -7,7 +7,9 @@ holds the ``WorkerNode`` and calls it exactly as ``SimPool`` does (same generato
 order), which is what makes every backend reproduce ``sim``.
 
 Exit codes: 0 on STOP; 1 when the master refuses this agent (ERROR, e.g. a protocol
-version mismatch); 3 when the master has been silent longer than the timeout.
+version mismatch, or a secure handshake it turned down: keys that are not the run's, or
+CurveZMQ on one side only); 3 when the master has been silent longer than the timeout;
+4 when a peer cannot be reached.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from worker import curve, node, peers, protocol
 from worker.node import SpecError, TrialSpec, WorkerNode
@@ -40,6 +43,22 @@ DEFAULT_MAX_FRAME = 4 * node.MAX_D + protocol.MAX_HEADER
 
 class AgentError(Exception):
     """The agent cannot start (bad option, unreadable key file); a one-line message."""
+
+
+class _Refused(Exception):
+    """The master's end turned down our handshake, or cannot be sent to; the message says why
+    and the code is the exit code."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+# What the master connection's monitor reports. ZeroMQ gives up on a connection whose
+# handshake failed on a protocol or authentication error (no reconnect, and the queue to it
+# is gone, so a send would block for ever): the agent must say so and stop.
+HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                    | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
 
 @dataclass(frozen=True)
@@ -171,6 +190,8 @@ class Agent:
         self.live = Liveness.start(opts.timeout, 1, time.monotonic())
         self.dropped = 0
         self.peers: peers.Peers | None = None  # made in run(): binding may fail
+        self.handshake: zmq.Socket | None = None  # the master connection's monitor
+        self.failed_handshakes = 0
         self.ar = _Allreduce()
 
     # ------------------------------------------------------------ setup
@@ -190,7 +211,29 @@ class Agent:
             s.setsockopt(zmq.ROUTING_ID, routing_id)
             if self.opts.curve_dir:
                 curve.set_client(s, Path(self.opts.curve_dir))
+            if s is self.sock:
+                self.handshake = s.get_monitor_socket(HANDSHAKE_EVENTS)
             s.connect(self.opts.master)
+
+    def _handshake_failed(self) -> None:
+        """Read the master connection's monitor; raise _Refused for a failure ZeroMQ will not
+        retry. A failure it does retry (the master's public key is not ours to check: it
+        just closes) is counted for the message the agent gives when the master stays silent."""
+        while self.handshake.poll(0):
+            event = recv_monitor_message(self.handshake)
+            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+                self.failed_handshakes += 1
+                continue
+            keys = "its --curve-dir" if self.opts.curve_dir else "no --curve-dir"
+            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                why = ("refused this agent's CurveZMQ key: the client key in --curve-dir is "
+                       "not this run's")
+            elif event["value"] == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+                why = (f"does not speak the agent's security mechanism (the agent has {keys}): "
+                       "give master and agents the same run's CurveZMQ keys, or neither")
+            else:
+                why = f"broke off the handshake (ZeroMQ protocol error {event['value']:#x})"
+            raise _Refused(f"the master at {self.opts.master} {why}", EXIT_REFUSED)
 
     def run(self) -> int:
         """Talk to the master until STOP, a refusal, or its silence; returns the exit code."""
@@ -198,18 +241,18 @@ class Agent:
         self.peers = peers.Peers(self.ctx, self.opts.peer_bind or peers.default_bind(
             self.opts.master), self.opts.max_frame, self.opts.curve_dir)
         self.compute.start()
-        self._send(protocol.build(protocol.HELLO, rank=self.rank, pid=os.getpid(),
-                                  peer_port=self.peers.port, peer_host=self.opts.peer_host))
         poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
-        poller.register(self.hb, zmq.POLLIN)
-        poller.register(self.bell, zmq.POLLIN)
-        poller.register(self.peers.router, zmq.POLLIN)
+        for s in (self.sock, self.hb, self.bell, self.peers.router, self.handshake):
+            poller.register(s, zmq.POLLIN)
         try:
+            self._send(protocol.build(protocol.HELLO, rank=self.rank, pid=os.getpid(),
+                                      peer_port=self.peers.port, peer_host=self.opts.peer_host))
             while True:
                 now = time.monotonic()
                 events = dict(poller.poll(max(1, int(1000 * self.live.next_deadline(now)))))
                 now = time.monotonic()
+                if self.handshake in events:
+                    self._handshake_failed()
                 if self.bell in events:
                     self._collect()
                 if self.hb in events:
@@ -224,13 +267,23 @@ class Agent:
                 if self.peers.waiting and self._peers_unreachable(now):
                     return EXIT_PEER_UNREACHABLE
                 if self.live.expired(now):
-                    print(f"relufit agent: the master at {self.opts.master} has been silent for "
-                          f"{now - self.live.last_heard:.1f} s; exiting", file=sys.stderr)
+                    print(f"relufit agent: {self._silence(now)}; exiting", file=sys.stderr)
                     return EXIT_MASTER_SILENT
                 if self.live.heartbeat_due(now):
                     self._heartbeat(now)
+        except _Refused as e:
+            print(f"relufit agent: {e}", file=sys.stderr)
+            return e.code
         finally:
             self.close()
+
+    def _silence(self, now: float) -> str:
+        said = (f"the master at {self.opts.master} has been silent for "
+                f"{now - self.live.last_heard:.1f} s")
+        if self.failed_handshakes:
+            said += (f" ({self.failed_handshakes} secure handshake(s) with it failed: is "
+                     "server.key in --curve-dir this master's public key?)")
+        return said
 
     def _peers_unreachable(self, now: float) -> bool:
         """A peer whose connection has not come up within --timeout: say so to the master
@@ -249,9 +302,13 @@ class Agent:
 
     def close(self) -> None:
         self.compute.jobs.put(None)
-        self.compute.join(timeout=1.0)
+        if self.compute.ident is not None:  # run() may have failed before starting it
+            self.compute.join(timeout=1.0)
         self.bell.close(linger=0)
         self.hb.close(linger=0)
+        if self.handshake is not None:
+            self.sock.disable_monitor()
+            self.handshake.close(linger=0)
         if self.peers is not None:
             self.peers.close()
         self.sock.close()
@@ -557,8 +614,28 @@ class Agent:
 
     def _send(self, frames: list[Any]) -> None:
         """On the data connection; heartbeats keep their own schedule on theirs, since a
-        message sent here may take longer than the liveness window to arrive."""
-        self.sock.send_multipart(frames, copy=len(frames[-1]) < 65536)
+        message sent here may take longer than the liveness window to arrive. It never
+        blocks for ever: with no connection to queue on (one ZeroMQ dropped after a failed
+        handshake) it waits at most --timeout, then says why."""
+        copy = len(frames[-1]) < 65536
+        try:
+            self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=copy)
+            return
+        except zmq.Again:
+            pass
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLOUT)
+        poller.register(self.handshake, zmq.POLLIN)
+        deadline = time.monotonic() + self.opts.timeout
+        while (left := deadline - time.monotonic()) > 0:
+            events = dict(poller.poll(max(1, int(1000 * left))))
+            if self.handshake in events:
+                self._handshake_failed()  # raises unless ZeroMQ retries
+            if self.sock in events:
+                self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=copy)
+                return
+        raise _Refused(f"nothing could be sent to the master at {self.opts.master} for "
+                       f"{self.opts.timeout:g} s: it has no connection to us", EXIT_MASTER_SILENT)
 
 
 def run_agent(opts: AgentOptions) -> int:
