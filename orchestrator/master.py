@@ -502,9 +502,9 @@ class ZmqPool:
         else:
             check_payload(protocol.buffer(payload), spec)
         rnd.pending.discard(w.rank)
-        compute_s, encode_s = msg.get("compute_s"), msg.get("encode_s")
+        compute_s, encode_s, apply_s = protocol.durations(msg)
         rnd.replies[w.rank] = Reply(w.rank, protocol.buffer(payload), compute_s, encode_s)
-        rnd.busy_s[w.rank] = msg.get("apply_s") + compute_s + encode_s
+        rnd.busy_s[w.rank] = apply_s + compute_s + encode_s
         rnd.bytes_up += msg.header_bytes + protocol.frame_bytes(payload)
         rnd.bytes_peer += msg.get("bytes_peer")
 

@@ -174,8 +174,8 @@ def junk_frames(rng, i):
     if kind == 2:
         return [rng.choice([b"{}", b"[]", b"null", b'{"v":2}', b'{"v":2,"type":"ROUND"}'])]
     if kind == 3:
-        return [h(v=V, type="GRADIENT", trial=0, round=int(rng.integers(0, 40)), compute_s=0,
-                  encode_s=0, apply_s=0, bytes_peer=0), rng.bytes(64)]
+        return [h(v=V, type="GRADIENT", trial=0, round=int(rng.integers(0, 40)), us=[0, 0, 0],
+                  bytes_peer=0), rng.bytes(64)]
     if kind == 4:
         return [h(v=V, type="ROUND", trial=0, round=int(rng.integers(-2, 1000))), rng.bytes(64)]
     if kind == 5:

@@ -21,8 +21,8 @@ def test_every_message_type_round_trips():
         (p.READY, [], {"trial": 2}),
         (p.ROUND, [b"\x00" * 40], {"trial": 0, "round": 5}),
         (p.ROUND, [b"a", b"bc"], {"trial": 0, "round": 5, "ranks": [0, 2, 3]}),
-        (p.GRADIENT, [b"xyz"], {"trial": 1, "round": 0, "compute_s": 0.1, "encode_s": 0,
-                                "apply_s": 0.0, "bytes_peer": 0}),
+        (p.GRADIENT, [b"xyz"], {"trial": 1, "round": 0, "us": [100000, 0, 7],
+                                "bytes_peer": 0}),
         (p.HELLO, [], {"rank": None, "pid": 12, "peer_port": 5601, "peer_host": "10.0.0.7"}),
         (p.TRIAL, [], {"trial": 2, "spec": {"d": 10}, "peers": ["tcp://h:5600", None]}),
         (p.ROUND, [], {"trial": 0, "round": 5, "ranks": [0, 2], "epoch": 1}),
@@ -40,15 +40,19 @@ def test_every_message_type_round_trips():
 
 
 def test_padded_headers_have_a_fixed_size_and_still_parse():
-    a = p.build(p.GRADIENT, [b"x"], pad=p.GRADIENT_HEADER, trial=0, round=1, compute_s=0.0,
-                encode_s=0.0, apply_s=0.0, bytes_peer=0)
+    a = p.build(p.GRADIENT, [b"x"], pad=p.GRADIENT_HEADER, trial=0, round=1,
+                us=p.microseconds(0.0, 0.0, 0.0), bytes_peer=0)
     b = p.build(p.GRADIENT, [b"x"], pad=p.GRADIENT_HEADER, trial=999, round=999999,
-                compute_s=p.seconds(99.99999912345), encode_s=p.seconds(98.7654321987),
-                apply_s=p.seconds(97.5555555555), bytes_peer=99_999_999_999, epoch=99)
+                us=p.microseconds(99.99999912345, 98.7654321987, 97.5555555555),
+                bytes_peer=99_999_999_999, epoch=99)
     assert len(a[0]) == len(b[0]) == p.GRADIENT_HEADER
     assert roundtrip(b).header["round"] == 999999
-    assert roundtrip(b).header["compute_s"] == 99.999999
+    assert p.durations(roundtrip(b)) == (99.999999, 98.765432, 97.555556)
     assert roundtrip(b).header_bytes == p.GRADIENT_HEADER
+    r0 = p.build(p.ROUND, [b"x"], pad=p.ROUND_HEADER, trial=0, round=0)
+    r1 = p.build(p.ROUND, [b"x"], pad=p.ROUND_HEADER, trial=9999, round=9_999_999)
+    assert len(r0[0]) == len(r1[0]) == p.ROUND_HEADER
+    assert roundtrip(r1).header["round"] == 9_999_999
     c = p.build(p.PART, [b"x"], pad=p.PEER_HEADER, trial=0, round=0, epoch=0, rank=0)
     d = p.build(p.MEAN, [b"x"], pad=p.PEER_HEADER, trial=123456, round=98765432, epoch=99,
                 rank=4095)
@@ -77,24 +81,28 @@ MALFORMED = [
     [hdr(v=1, type="ROUND", trial=0, round=-1)],
     [hdr(v=1, type="ROUND", trial=0, round=2, ranks=[2, 1]), b"a"],
     [hdr(v=1, type="ROUND", trial=0, round=2, ranks="01")],
-    [hdr(v=1, type="GRADIENT", trial=0, round=0, compute_s=0, encode_s=0, apply_s=0)],
-    [hdr(v=1, type="GRADIENT", trial=0, round=0, compute_s=-1, encode_s=0, apply_s=0), b"x"],
-    [hdr(v=1, type="GRADIENT", trial=0, round=0, compute_s=0, encode_s=0, apply_s=0), b"x",
+    [hdr(v=p.VERSION, type="GRADIENT", trial=0, round=0, us=[0, 0, 0], bytes_peer=0)],
+    [hdr(v=p.VERSION, type="GRADIENT", trial=0, round=0, us=[-1, 0, 0], bytes_peer=0), b"x"],
+    [hdr(v=p.VERSION, type="GRADIENT", trial=0, round=0, us=[0, 0, 0], bytes_peer=0), b"x",
      b"y"],
-    [b'{"v":1,"type":"GRADIENT","trial":0,"round":0,"compute_s":NaN,"encode_s":0,'
-     b'"apply_s":0}', b"x"],
-    [b'{"v":1,"type":"GRADIENT","trial":0,"round":0,"compute_s":1e999,"encode_s":0,'
-     b'"apply_s":0}', b"x"],
+    [hdr(v=p.VERSION, type="GRADIENT", trial=0, round=0, us=[0, 0], bytes_peer=0), b"x"],
+    [hdr(v=p.VERSION, type="GRADIENT", trial=0, round=0, us=[0, 0.5, 0], bytes_peer=0), b"x"],
+    [hdr(v=p.VERSION, type="GRADIENT", trial=0, round=0, us=[0, True, 0], bytes_peer=0), b"x"],
+    [hdr(v=p.VERSION, type="GRADIENT", trial=0, round=0, us="0,0,0", bytes_peer=0), b"x"],
+    [hdr(v=p.VERSION, type="GRADIENT", trial=0, round=0, compute_s=0, encode_s=0, apply_s=0,
+         bytes_peer=0), b"x"],  # version 4's durations
+    [b'{"v":%d,"type":"GRADIENT","trial":0,"round":0,"us":[NaN,0,0],"bytes_peer":0}'
+     % p.VERSION, b"x"],
+    [b'{"v":%d,"type":"GRADIENT","trial":0,"round":0,"us":[1e999,0,0],"bytes_peer":0}'
+     % p.VERSION, b"x"],
     [hdr(v=1, type="HEARTBEAT"), b"unexpected payload"],
     [hdr(v=1, type="TRIAL", trial=0)],
     [hdr(v=1, type="TRIAL", trial=0, spec=[1])],
     [hdr(v=1, type="HELLO", pid=1, rank=-2)],
     [hdr(v=1, type="HELLO", pid=1, rank="0")],
     [hdr(v=1, type="WELCOME", rank=0, heartbeat_interval=0, heartbeat_liveness=3)],
-    [hdr(v=p.VERSION, type="GRADIENT", trial=0, round=0, compute_s=0, encode_s=0, apply_s=0),
-     b"x"],  # no bytes_peer
-    [hdr(v=p.VERSION, type="GRADIENT", trial=0, round=0, compute_s=0, encode_s=0, apply_s=0,
-         bytes_peer=-1), b"x"],
+    [hdr(v=p.VERSION, type="GRADIENT", trial=0, round=0, us=[0, 0, 0]), b"x"],  # no bytes_peer
+    [hdr(v=p.VERSION, type="GRADIENT", trial=0, round=0, us=[0, 0, 0], bytes_peer=-1), b"x"],
     [hdr(v=p.VERSION, type="HELLO", pid=1, rank=0, peer_port=0)],
     [hdr(v=p.VERSION, type="HELLO", pid=1, rank=0, peer_port=70000)],
     [hdr(v=p.VERSION, type="HELLO", pid=1, rank=0, peer_port=5600, peer_host="a b")],
@@ -105,8 +113,8 @@ MALFORMED = [
     [hdr(v=p.VERSION, type="ROUND", trial=0, round=1, ranks=[0, 1], epoch=-1)],
     [hdr(v=p.VERSION, type="ROUND", trial=0, round=1, epoch="1")],  # no ranks: no crash
     [hdr(v=p.VERSION, type="ROUND", trial=0, round=1, epoch=[1])],
-    [hdr(v=p.VERSION, type="GRADIENT", trial=0, round=0, compute_s=0, encode_s=0, apply_s=0,
-         bytes_peer=0, epoch="0"), b"x"],
+    [hdr(v=p.VERSION, type="GRADIENT", trial=0, round=0, us=[0, 0, 0], bytes_peer=0,
+         epoch="0"), b"x"],
     [hdr(v=p.VERSION, type="PART", trial=0, round=1, epoch=0, rank=0)],  # no payload
     [hdr(v=p.VERSION, type="PART", trial=0, round=1, epoch=0), b"x"],  # no rank
     [hdr(v=p.VERSION, type="MEAN", trial=0, round=1, epoch=-1, rank=0), b"x"],

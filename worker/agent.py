@@ -473,8 +473,7 @@ class Agent:
         self.last_sent_round = round_
         self._send(protocol.build(
             protocol.GRADIENT, [res.payload], pad=protocol.GRADIENT_HEADER, trial=trial,
-            round=round_, compute_s=protocol.seconds(res.compute_s),
-            encode_s=protocol.seconds(res.encode_s), apply_s=protocol.seconds(apply_s),
+            round=round_, us=protocol.microseconds(res.compute_s, res.encode_s, apply_s),
             bytes_peer=0,
         ))
 
@@ -600,10 +599,10 @@ class Agent:
         """Our GRADIENT to the master: our mean chunk and the round's figures."""
         ar = self.ar
         ar.phase = "means"
-        timing = {k: protocol.seconds(ar.stats[k]) for k in ("compute_s", "encode_s", "apply_s")}
+        us = protocol.microseconds(*(ar.stats[k] for k in ("compute_s", "encode_s", "apply_s")))
         self._send(protocol.build(protocol.GRADIENT, [mean], pad=protocol.GRADIENT_HEADER,
                                   trial=self.spec.trial, round=ar.round, epoch=ar.epoch,
-                                  bytes_peer=ar.stats["bytes_peer"], **timing))
+                                  bytes_peer=ar.stats["bytes_peer"], us=us))
 
     def _heartbeat(self, now: float) -> None:
         try:
