@@ -21,6 +21,7 @@ Remote run directory::
         keys-master/        server.key_secret, client.key      (node 0)
         keys-agent/         server.key, client.key_secret      (nodes with agents)
         master.pid .log .exit    agent-<rank>.pid .log .exit
+        master.log.1 ...    logs of the processes a resumed run replaced (fetched too)
         out/<id>/           the master's run directory (metrics.csv, summary.json, ...)
 """
 
@@ -99,12 +100,15 @@ def spawn_command(rdir: str, name: str, args: list[str]) -> str:
 def detach_command(rdir: str, name: str, command: str) -> str:
     """Shell command that runs shell text ``command`` in ``rdir`` in its own session,
     detached from the SSH session, logging to ``name``.log; ``name``.pid holds its process
-    group, ``name``.exit its code."""
+    group, ``name``.exit its code. A log left by an earlier start in ``rdir`` (the master or
+    agents a resumed run replaces) is kept as ``name``.log.1, .2, ..."""
     inner = f"echo $$ > {name}.pid; {command}; echo $? > {name}.exit"
+    keep = (f"if [ -s {name}.log ]; then n=1; while [ -e {name}.log.$n ]; do n=$((n+1)); done; "
+            f"mv {name}.log {name}.log.$n; fi; ")
     # `a && b &` would background a subshell that holds the SSH channel open until the
     # process ends: only the setsid command itself goes to the background.
     # Then wait (at most 10 s) for the pidfile, so whoever follows or stops it finds it.
-    return (f"cd {shlex.quote(rdir)} || exit 1; rm -f {name}.exit {name}.pid; "
+    return (f"cd {shlex.quote(rdir)} || exit 1; rm -f {name}.exit {name}.pid; {keep}"
             f"setsid nohup sh -c {shlex.quote(inner)} > {name}.log 2>&1 < /dev/null & "
             f"i=0; while [ ! -s {name}.pid ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; "
             f"test -s {name}.pid")
@@ -296,7 +300,7 @@ class RemoteRun:
             found: dict[str, int] = {}
             with Session(t) as s:
                 for name in s.listdir_sizes(self.rdir):
-                    m = re.fullmatch(r"(master|agent-(\d+))\.(log|exit)", name)
+                    m = re.fullmatch(r"(master|agent-(\d+))\.(log|log\.\d+|exit)", name)
                     if not m:
                         continue
                     who = "master" if m.group(1) == "master" else m.group(2)

@@ -425,6 +425,10 @@ def test_master_killed_on_node_0_then_resume_on_the_cluster_is_bit_identical(dep
     assert "1 of 2 trial(s) kept, trial 2 from round" in resumed.stderr
     run = load_run(local)
     assert run["summary"]["status"] == "completed" and run["summary"]["resumed"] == 1
+    # the killed master's log is kept beside the new one's, on node 0 and in the fetch
+    logs = local / "nodes" / "master"
+    assert "trial 1" in (logs / "master.log.1").read_text()
+    assert (logs / "master.log").read_text() != (logs / "master.log.1").read_text()
     sim = load_run(run_experiment(load_experiment(exp_file), SimPool(), tmp_path / "sim",
                                   "sim", progress=lambda line: None))["metrics"]
     for col in ("trial", "round", "rel_error", "loss", "workers"):
