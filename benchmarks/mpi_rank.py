@@ -68,7 +68,7 @@ def train(args: argparse.Namespace, comm: MPI.Comm) -> dict:
     for r in range(args.rounds):
         t0 = time.perf_counter()
         if n == 0:
-            Xb, yb = relu.online_batch(d, seed, rank, r, batch)
+            Xb, yb = relu.online_batch(d, seed, rank, r, batch, w_star)
         else:
             Xb, yb = relu.minibatch(X, y, batch, rng)
         g = relu.gradient(w, Xb, yb)

@@ -198,7 +198,7 @@ def run_link(link: str, args: argparse.Namespace, tmp: Path, sims: dict,
                 str(max(ms)), "--bandwidth", link)
         relufit("deploy", name)
         exp_file = tmp / "scaling.toml"
-        for m in ms:
+        for m in [] if args.big_only else ms:
             exp_file.write_text(experiment(args.d, args.n, args.batch, lr_at(args, m),
                                            args.rounds, 0, max(ms)))
             rows += cluster_rows(name, link, m, exp_file, topologies, settings, sims[m],
@@ -283,6 +283,8 @@ def main() -> None:
     p.add_argument("--big-link", default="100mbit")
     p.add_argument("--big-rounds", type=int, default=20,
                    help="rounds per --big-d row (8 gave 2.13x and 2.57x in two runs)")
+    p.add_argument("--big-only", action="store_true",
+                   help="only the --big-d rows (no sim, floor or d = --d rows)")
     p.add_argument("--mpi", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--json", type=Path)
@@ -302,7 +304,8 @@ def main() -> None:
         tmp = Path(tmp_)
         sims, floors = {}, {}
         saved = load_sims(args.sims) if args.sims and args.sims.exists() else {}
-        for m in ms:  # before any cluster: sim and the floor have the CPUs to themselves
+        for m in [] if args.big_only else ms:  # before any cluster: sim and floor have the
+            # CPUs to themselves
             exp_file = tmp / "sim.toml"
             exp_file.write_text(experiment(args.d, args.n, args.batch, lr_at(args, m),
                                            args.max_rounds, args.target, m))

@@ -103,3 +103,13 @@ def test_population_loss_matches_monte_carlo():
     assert relu.population_loss(w, w_star) == pytest.approx(mc, rel=0.02)
     assert relu.population_loss(w_star, w_star) == pytest.approx(0, abs=1e-12)
     assert relu.population_loss(np.zeros(d), w_star) == pytest.approx(0.25)
+
+
+def test_an_online_batch_with_the_planted_weights_passed_in_is_the_same_batch():
+    d, seed = 300, 7
+    X, y = relu.online_batch(d, seed, 2, 5, 16)
+    X2, y2 = relu.online_batch(d, seed, 2, 5, 16, relu.planted_weights(d, seed))
+    np.testing.assert_array_equal(X, X2)
+    np.testing.assert_array_equal(y, y2)
+    _, y3 = relu.online_batch(d, seed, 2, 5, 16, relu.planted_weights(d, seed + 1))
+    assert not np.array_equal(y, y3)  # the labels do come from the w* given

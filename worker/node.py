@@ -371,7 +371,8 @@ class WorkerNode:
     def gradient(self, w: np.ndarray, round_: int) -> np.ndarray:
         s = self.spec
         if s.n == 0:
-            Xb, yb = relu.online_batch(s.d, s.seed, self.rank, round_, s.batch_size)
+            Xb, yb = relu.online_batch(s.d, s.seed, self.rank, round_, s.batch_size,
+                                       self.w_star)
         else:
             Xb, yb = relu.minibatch(self.X, self.y, s.batch_size, self.batch_rng)
         return relu.gradient(w, Xb, yb)
