@@ -304,8 +304,8 @@ def main() -> None:
         tmp = Path(tmp_)
         sims, floors = {}, {}
         saved = load_sims(args.sims) if args.sims and args.sims.exists() else {}
-        for m in [] if args.big_only else ms:  # before any cluster: sim and floor have the
-            # CPUs to themselves
+        # before any cluster: sim and the floor have the CPUs to themselves
+        for m in [] if args.big_only else ms:
             exp_file = tmp / "sim.toml"
             exp_file.write_text(experiment(args.d, args.n, args.batch, lr_at(args, m),
                                            args.max_rounds, args.target, m))

@@ -367,11 +367,13 @@ def test_curve_between_a_listening_master_and_separately_started_agents(tmp_path
 
 
 def test_heartbeats_flow_while_numpy_computes(tmp_path):
-    # Building a shard of 64 rows x 2e5 takes far longer than the 0.1 s after which a
-    # silent peer is lost: the agents keep heartbeating from their socket thread.
-    exp = experiment(problem={"d": 200_000, "n": 192}, train={"rounds": 3, "lr": 1e-4},
+    # Building a shard of 128 rows x 2e5 (0.5 s alone, longer with three at once) takes
+    # longer than the 0.2 s after which a silent peer is lost: the agents keep heartbeating
+    # from their socket thread. (A 0.1 s window lost a worker to a scheduling stall now and
+    # then on 2 cores.)
+    exp = experiment(problem={"d": 200_000, "n": 384}, train={"rounds": 3, "lr": 1e-4},
                      compress={"scheme": "none"},
-                     cluster={"heartbeat_interval": 0.05, "heartbeat_liveness": 2})
+                     cluster={"heartbeat_interval": 0.05, "heartbeat_liveness": 4})
     want = sim_rel_errors(exp, tmp_path)
     with open_pool("local", exp) as pool:
         path = run_experiment(exp, pool, tmp_path, "local", **QUIET)
@@ -428,35 +430,36 @@ def test_an_agent_whose_heartbeat_queue_is_full_keeps_going():
         agent.ctx.term()
 
 
-def _curve_router(ctx, keys):
-    """A master-side ROUTER with the run's keys, as ZmqPool binds it."""
+@pytest.fixture
+def keyed_master(tmp_path):
+    """A master-side ROUTER with a run's keys, as ZmqPool binds it: (endpoint, keys dir)."""
     from worker import curve
 
+    keys = create_curve_keys(tmp_path / "keys")
+    ctx = zmq.Context()
     r = ctx.socket(zmq.ROUTER)
     auth = curve.set_server(r, ctx, keys)
-    return r, r.bind_to_random_port("tcp://127.0.0.1"), auth
+    yield f"tcp://127.0.0.1:{r.bind_to_random_port('tcp://127.0.0.1')}", keys
+    auth.stop()
+    r.close(linger=0)
+    ctx.term()
 
 
 @pytest.mark.parametrize("agent_keys", ["none", "other"])
 def test_an_agent_whose_handshake_the_master_turns_down_says_why_and_exits_at_once(
-        tmp_path, agent_keys):
+        tmp_path, keyed_master, agent_keys):
     # ZeroMQ drops a connection whose handshake failed on the mechanism or the key, and
     # does not retry: the agent must not wait out its timeout, let alone block in a send.
-    keys = create_curve_keys(tmp_path / "keys")
-    ctx = zmq.Context()
-    r, port, auth = _curve_router(ctx, keys)
+    endpoint, keys = keyed_master
     extra = ["--timeout", "30"]
     if agent_keys == "other":  # the right server key, a client pair that is not the run's
         other = create_curve_keys(tmp_path / "other")
         (other / "server.key").write_bytes((keys / "server.key").read_bytes())
         extra += ["--curve-dir", str(other)]
     t0 = time.monotonic()
-    proc = subprocess.run(agent_cmd(f"tcp://127.0.0.1:{port}", *extra), capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run(agent_cmd(endpoint, *extra), capture_output=True, text=True,
+                          timeout=60)
     elapsed = time.monotonic() - t0
-    auth.stop()
-    r.close(linger=0)
-    ctx.term()
     assert proc.returncode == 1, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("relufit agent: the master at tcp://")
@@ -467,15 +470,12 @@ def test_an_agent_whose_handshake_the_master_turns_down_says_why_and_exits_at_on
     assert elapsed < 25  # not the 30 s timeout
 
 
-def test_a_send_after_a_failed_handshake_reports_it_instead_of_blocking(tmp_path):
+def test_a_send_after_a_failed_handshake_reports_it_instead_of_blocking(keyed_master):
     # The race CI once lost: the handshake failed before HELLO was queued, and a blocking
     # send on a DEALER with no connection left waited for ever.
     from worker.agent import Agent, AgentOptions, _Refused
 
-    keys = create_curve_keys(tmp_path / "keys")
-    ctx = zmq.Context()
-    r, port, auth = _curve_router(ctx, keys)
-    agent = Agent(AgentOptions(master=f"tcp://127.0.0.1:{port}", timeout=5))
+    agent = Agent(AgentOptions(master=keyed_master[0], timeout=5))
     try:
         agent._connect()
         assert agent.handshake.poll(5000)  # the failure is reported before we send
@@ -492,27 +492,17 @@ def test_a_send_after_a_failed_handshake_reports_it_instead_of_blocking(tmp_path
         assert e.value.code == 1 and time.monotonic() - t0 < 4.5  # not the 5 s timeout
     finally:
         agent.close()
-        auth.stop()
-        r.close(linger=0)
-        ctx.term()
 
 
-def test_an_agent_with_the_wrong_server_key_is_told_so_when_it_gives_up(tmp_path):
+def test_an_agent_with_the_wrong_server_key_is_told_so_when_it_gives_up(tmp_path,
+                                                                       keyed_master):
     # A client that does not hold the master's public key cannot complete the handshake;
     # ZeroMQ retries, so the agent waits out --timeout and then names the likely cause.
-    keys = create_curve_keys(tmp_path / "keys")
+    endpoint, keys = keyed_master
     other = create_curve_keys(tmp_path / "other")
     for name in ("client.key", "client.key_secret"):
         (other / name).write_bytes((keys / name).read_bytes())
-    ctx = zmq.Context()
-    r, port, auth = _curve_router(ctx, keys)
-    try:
-        proc = subprocess.run(agent_cmd(f"tcp://127.0.0.1:{port}", "--timeout", "2",
-                                        "--curve-dir", str(other)),
-                              capture_output=True, text=True, timeout=60)
-    finally:
-        auth.stop()
-        r.close(linger=0)
-        ctx.term()
+    proc = subprocess.run(agent_cmd(endpoint, "--timeout", "2", "--curve-dir", str(other)),
+                          capture_output=True, text=True, timeout=60)
     assert proc.returncode == 3, proc.stderr
     assert "secure handshake(s) with it failed: is server.key in --curve-dir" in proc.stderr

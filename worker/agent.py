@@ -215,7 +215,7 @@ class Agent:
                 self.handshake = s.get_monitor_socket(HANDSHAKE_EVENTS)
             s.connect(self.opts.master)
 
-    def _handshake_failed(self) -> None:
+    def _check_handshake(self) -> None:
         """Read the master connection's monitor; raise _Refused for a failure ZeroMQ will not
         retry. A failure it does retry (the master's public key is not ours to check: it
         just closes) is counted for the message the agent gives when the master stays silent."""
@@ -252,7 +252,7 @@ class Agent:
                 events = dict(poller.poll(max(1, int(1000 * self.live.next_deadline(now)))))
                 now = time.monotonic()
                 if self.handshake in events:
-                    self._handshake_failed()
+                    self._check_handshake()
                 if self.bell in events:
                     self._collect()
                 if self.hb in events:
@@ -629,7 +629,7 @@ class Agent:
         while (left := deadline - time.monotonic()) > 0:
             events = dict(poller.poll(max(1, int(1000 * left))))
             if self.handshake in events:
-                self._handshake_failed()  # raises unless ZeroMQ retries
+                self._check_handshake()  # raises unless ZeroMQ retries
             if self.sock in events:
                 self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=copy)
                 return

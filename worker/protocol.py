@@ -76,8 +76,9 @@ MAX_HEARTBEAT_BYTES = 1024  # what the heartbeat connection accepts per frame
 MAX_HEADER = 64 * 1024  # bytes; a TRIAL spec or an allgather rank list fits with room to spare
 MAX_RANKS = 4096
 MAX_MESSAGE = 400  # characters of an ERROR message kept
-# GRADIENT and ps ROUND headers are padded with spaces (valid JSON whitespace) to a fixed
-# size, so a round's framing overhead is a constant: bytes_up = payloads + M * GRADIENT_HEADER.
+# GRADIENT headers, and ROUND headers without a rank list (all but allgather's and an
+# allreduce re-plan's), are padded with spaces (valid JSON whitespace) to a fixed size, so a
+# round's framing overhead is a constant: bytes_up = payloads + M * GRADIENT_HEADER.
 GRADIENT_HEADER = 124  # fits trial 999, round 999999, epoch 99, times < 100 s, 1e11 bytes
 ROUND_HEADER = 56  # fits trial 9999, round 9999999
 PEER_HEADER = 96  # PART and MEAN, likewise: bytes_peer = payloads + PEER_HEADER per message
