@@ -506,3 +506,46 @@ def test_an_agent_with_the_wrong_server_key_is_told_so_when_it_gives_up(tmp_path
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 3, proc.stderr
     assert "secure handshake(s) with it failed: is server.key in --curve-dir" in proc.stderr
+
+
+@pytest.mark.parametrize("topology", ["broadcast", "allreduce"])
+@pytest.mark.parametrize("inline", [True, False])
+def test_a_rounds_small_work_runs_on_the_socket_thread_and_large_work_on_the_compute_thread(
+        tmp_path, monkeypatch, topology, inline):
+    """Agents in this process, so the thread each round's work runs on can be seen: under
+    the inline bounds on the socket thread (no hand-off), past them on the compute thread;
+    either way the run equals sim bit for bit."""
+    from worker import agent as agent_mod
+
+    if not inline:
+        monkeypatch.setattr(agent_mod, "INLINE_MAX_D", 0)
+    where: list[str] = []
+    for name in ("step", "scatter", "reduce"):
+        original = getattr(agent_mod._Work, name)
+
+        def spy(self, *a, _original=original, **kw):
+            where.append(threading.current_thread().name)
+            return _original(self, *a, **kw)
+        monkeypatch.setattr(agent_mod._Work, name, spy)
+    exp = experiment(train={"rounds": 12}, cluster={"topology": topology})
+    want = sim_rel_errors(exp, tmp_path)
+    pool = ZmqPool.for_experiment(exp, "tcp://127.0.0.1:*")
+    agents = [agent_mod.Agent(agent_mod.AgentOptions(master=pool.endpoint, rank=r, timeout=20))
+              for r in range(3)]
+    codes: list[int] = []
+    threads = [threading.Thread(target=lambda a=a: codes.append(a.run()), name=f"agent-{r}")
+               for r, a in enumerate(agents)]
+    try:
+        for t in threads:
+            t.start()
+        pool.wait_for_workers(20)
+        path = run_experiment(exp, pool, tmp_path / "run", "local", **QUIET)
+    finally:
+        pool.close()
+        for t in threads:
+            t.join(30)
+    assert codes == [0, 0, 0]
+    np.testing.assert_array_equal(load_run(path)["metrics"]["rel_error"], want)
+    assert len(where) >= 3 * 12
+    expected = {f"agent-{r}" for r in range(3)} if inline else {"relufit-compute"}
+    assert set(where) == expected

@@ -2,9 +2,11 @@
 
 The socket lives in the main thread and is never touched elsewhere (ZeroMQ sockets are
 not thread-safe); the numpy work runs on one compute thread, fed in order, so the agent
-keeps answering and sending heartbeats however long a gradient takes. The compute thread
-holds the ``WorkerNode`` and calls it exactly as ``SimPool`` does (same generators, same
-order), which is what makes every backend reproduce ``sim``.
+keeps answering and sending heartbeats however long a gradient takes. A round's work too
+small to matter to a heartbeat (d <= 65536, d x batch <= 2^22) runs on the main thread
+instead, when the compute thread is idle: the hand-off would cost more than the work. Either
+way one thread at a time holds the ``WorkerNode`` and calls it exactly as ``SimPool`` does
+(same generators, same order), which is what makes every backend reproduce ``sim``.
 
 Exit codes: 0 on STOP; 1 when the master refuses this agent (ERROR, e.g. a protocol
 version mismatch, or a secure handshake it turned down: keys that are not the run's, or
@@ -39,6 +41,10 @@ RECONNECT_IVL_MS = 100
 RECONNECT_IVL_MAX_MS = 5000  # reconnect backoff doubles up to this cap
 # Largest frame accepted before the trial's d is known: float32 weights at the largest d.
 DEFAULT_MAX_FRAME = 4 * node.MAX_D + protocol.MAX_HEADER
+# A round's job runs on the socket thread, without a hand-off, up to these sizes: d, and
+# d x batch (the gradient's multiply-adds); ~1-5 ms on 2 loaded cores at d = 1e4, batch 128
+INLINE_MAX_D = 1 << 16
+INLINE_MAX_WORK = 1 << 22
 
 
 class AgentError(Exception):
@@ -98,7 +104,8 @@ class _Compute(threading.Thread):
 
 
 class _Work:
-    """What the compute thread owns: the node of the current trial."""
+    """The node of the current trial: the compute thread's, or the main thread's while the
+    compute thread is idle (``Agent._submit``)."""
 
     def __init__(self) -> None:
         self.node: WorkerNode | None = None
@@ -193,6 +200,7 @@ class Agent:
         self.handshake: zmq.Socket | None = None  # the master connection's monitor
         self.failed_handshakes = 0
         self.ar = _Allreduce()
+        self.queued = 0  # jobs handed to the compute thread whose results are not in yet
 
     # ------------------------------------------------------------ setup
 
@@ -400,7 +408,7 @@ class Agent:
             self.ar = _Allreduce(epoch=0, members=members,
                                  bounds=node.chunk_bounds(spec, spec.workers))
         rank = self.rank
-        self.compute.jobs.put(lambda: self.work.start(spec, rank, resume))
+        self._submit(lambda: self.work.start(spec, rank, resume), inline=False)
 
     def _on_save(self, msg: protocol.Message) -> None:
         """A checkpoint between two rounds: our generators' states after the last one. The
@@ -411,7 +419,7 @@ class Agent:
             raise ProtocolError(f"stale SAVE for trial {msg.get('trial')} round "
                                 f"{msg.get('round')}")
         trial, round_ = spec.trial, msg.get("round")
-        self.compute.jobs.put(lambda: self.work.states(trial, round_))
+        self._submit(lambda: self.work.states(trial, round_), inline=False)
 
     def _on_round(self, msg: protocol.Message) -> None:
         spec = self.spec
@@ -441,13 +449,36 @@ class Agent:
                 raise ProtocolError(f"allgather ROUND has {len(others)} payloads for {ranks}")
         self.next_round += 1
         trial = spec.trial
-        self.compute.jobs.put(lambda: self.work.step(trial, round_, weights, ranks, others))
+        self._submit(lambda: self.work.step(trial, round_, weights, ranks, others))
 
     # ------------------------------------------------------------ sending
+
+    def _submit(self, job: Callable[[], Any], inline: bool = True) -> None:
+        """Run a job of the trial: here and now when it is a round's and small (``_small``)
+        and none is queued before it, else on the compute thread, in order. A thread
+        hand-off costs two wake-ups and a queue each way: ~15% of a d = 1e4 allreduce round
+        with 4 agents on 2 cores (benchmarks/README.md, Rounds)."""
+        if inline and self.queued == 0 and self._small():
+            try:
+                result = job()
+            except Exception as e:  # reported to the master, as from the thread
+                result = e
+            self._on_result(result)
+            return
+        self.queued += 1
+        self.compute.jobs.put(job)
+
+    def _small(self) -> bool:
+        """A round's work short enough to block the socket loop for: well under any
+        heartbeat window (a few ms at the bounds)."""
+        s = self.spec
+        return (s is not None and s.d <= INLINE_MAX_D
+                and s.d * s.batch_size <= INLINE_MAX_WORK)
 
     def _collect(self) -> None:
         while self.bell.poll(0):
             self.bell.recv()
+            self.queued -= 1
             self._on_result(self.compute.results.get())
 
     def _on_result(self, result: Any) -> None:
@@ -553,15 +584,14 @@ class Agent:
             ar.inbox.pop((ar.epoch, ar.round), None)
             ar.round, ar.start, ar.phase = round_, None, "scatter"
             key, members = (spec.trial, ar.epoch, round_), list(ar.members)
-            self.compute.jobs.put(
-                lambda: self.work.scatter(key, weights, relayed, members))
+            self._submit(lambda: self.work.scatter(key, weights, relayed, members))
         elif ar.phase == "parts":
             parts = ar.inbox.get((ar.epoch, ar.round), ({}, {}))[0]
             if all(m in parts for m in ar.members if m != self.rank):
                 ar.phase = "reduce"
                 key, members = (spec.trial, ar.epoch, ar.round), list(ar.members)
                 mine = [None if m == self.rank else parts[m] for m in members]
-                self.compute.jobs.put(lambda: self.work.reduce(key, members, mine))
+                self._submit(lambda: self.work.reduce(key, members, mine))
 
     def _on_allreduce_result(self, result: tuple[Any, ...]) -> None:
         ar, spec = self.ar, self.spec
