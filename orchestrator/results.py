@@ -86,7 +86,7 @@ class RunWriter:
             (self.path / CHECKPOINTS).rmdir()
 
     def row(self, r: RoundRow) -> None:
-        self._csv.writerow(_fmt(v) for v in asdict(r).values())
+        self._csv.writerow([_fmt(getattr(r, k)) for k in COLUMNS])
         self._metrics.flush()
 
     def event(self, message: str) -> None:
