@@ -3,7 +3,7 @@
 The socket lives in the main thread and is never touched elsewhere (ZeroMQ sockets are
 not thread-safe); the numpy work runs on one compute thread, fed in order, so the agent
 keeps answering and sending heartbeats however long a gradient takes. A round's work too
-small to matter to a heartbeat (d <= 65536, d x batch <= 2^22) runs on the main thread
+small to matter to a heartbeat (d <= 65536, d x (batch + M) <= 2^21) runs on the main thread
 instead, when the compute thread is idle: the hand-off would cost more than the work. Either
 way one thread at a time holds the ``WorkerNode`` and calls it exactly as ``SimPool`` does
 (same generators, same order), which is what makes every backend reproduce ``sim``.
@@ -42,9 +42,12 @@ RECONNECT_IVL_MAX_MS = 5000  # reconnect backoff doubles up to this cap
 # Largest frame accepted before the trial's d is known: float32 weights at the largest d.
 DEFAULT_MAX_FRAME = 4 * node.MAX_D + protocol.MAX_HEADER
 # A round's job runs on the socket thread, without a hand-off, up to these sizes: d, and
-# d x batch (the gradient's multiply-adds); ~1-5 ms on 2 loaded cores at d = 1e4, batch 128
+# d x (batch + M): the gradient's multiply-adds and, at most, the coordinates of the M
+# payloads an allgather replica decodes. At d = 1e4, batch 128, M = 8: ~1 ms alone, 2-5 ms
+# on 2 loaded cores; at the bound, below 0.25 s even for Elias decoding (~0.11 us a
+# coordinate), inside the tightest heartbeat window the tests use.
 INLINE_MAX_D = 1 << 16
-INLINE_MAX_WORK = 1 << 22
+INLINE_MAX_WORK = 1 << 21
 
 
 class AgentError(Exception):
@@ -473,7 +476,7 @@ class Agent:
         heartbeat window (a few ms at the bounds)."""
         s = self.spec
         return (s is not None and s.d <= INLINE_MAX_D
-                and s.d * s.batch_size <= INLINE_MAX_WORK)
+                and s.d * (s.batch_size + s.workers) <= INLINE_MAX_WORK)
 
     def _collect(self) -> None:
         while self.bell.poll(0):
