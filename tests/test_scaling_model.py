@@ -23,27 +23,35 @@ def test_link_bytes_split_the_master_and_a_worker():
 
 def test_the_allreduce_masters_bytes_do_not_grow_with_the_workers_and_broadcasts_do():
     d, bps = 10_000, 10e6
-    col = 2  # bytes / rate
-    ar = [model.features("allreduce", "s15b128fixed", m, d, 128, bps, m)[col] for m in (2, 8, 64)]
-    bc = [model.features("broadcast", "s15b128fixed", m, d, 128, bps, m)[col] for m in (2, 8, 64)]
-    mpi = [model.features("mpi-allreduce", "fp32", m, d, 128, bps, m)[col] for m in (2, 8, 64)]
-    assert max(ar) < 2 * min(ar) and bc[2] == pytest.approx(63 * bc[0])  # 2 (M - 1) P
+    link = (1, model.PARAMS.index("kappa"))  # the link's row, bytes / rate
+
+    def busy(topo: str, setting: str, m: int) -> float:
+        return model.features(topo, setting, m, d, 128, bps, m)[link]
+
+    ar = [busy("allreduce", "s15b128fixed", m) for m in (2, 8, 64)]
+    bc = [busy("broadcast", "s15b128fixed", m) for m in (2, 8, 64)]
+    mpi = [busy("mpi-allreduce", "fp32", m) for m in (2, 8, 64)]
+    assert max(ar) < 2 * min(ar) and bc[2] == pytest.approx(32 * bc[0])  # M P
     assert mpi[2] == pytest.approx(2 * 63 / 64 * 4 * d * 8e3 / bps)
-    assert model.features("allreduce", "fp32", 8, d, 128, bps, 8)[3:5].tolist() == [0, 0]
+    cpu = model.features("allreduce", "fp32", 8, d, 128, bps, 9)[2]  # a core each
+    assert cpu[3:5].tolist() == [0, 0]  # float32 codes nothing
+    # an allreduce worker handles 2 + 4 (M - 1) messages a round, its master 2 M
+    assert cpu[model.PARAMS.index("mu_us")] * 1e3 == pytest.approx(2 + 4 * 7 + 16)
 
 
 def test_an_allreduce_workers_codec_calls_stop_growing_with_m_once_batched():
     def calls(m: int, batched: bool) -> float:
         f = model.features("allreduce", "s15b128fixed", m, 10_000, 128, 10e6, 1e6, False,
                            batched)  # cores to spare: no crowding
-        return round(f[4] * 1e3, 9)  # the column is calls x 1e-3
+        return round(f[2][4] * 1e3, 9)  # the CPU row's calls, x 1e-3
 
     assert [calls(m, False) for m in (2, 8, 64)] == [5 + 2, 23 + 8, 191 + 64]
     assert [calls(m, True) for m in (2, 8, 64)] == [6 + 2, 10 + 3, 10 + 3]
 
 
-def test_nnls_recovers_known_constants_and_fits_them_exactly():
-    truth = np.array([1.0, 0.3, 1.2, 5.0, 40.0, 2.0, 0.0])
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+def test_the_fit_recovers_known_constants_and_overlap_exactly(beta):
+    truth = np.array([1.0, 0.3, 1.2, 5.0, 40.0, 2.0, 0.0, 30.0])
     rows = []
     for link in ("10mbit", "100mbit"):
         for m in (2, 4, 8):
@@ -52,11 +60,22 @@ def test_nnls_recovers_known_constants_and_fits_them_exactly():
                                   ("mpi-allreduce", "fp32")):
                 f = model.features(topo, setting, m, 10_000, 128, model.rate_of(link), 2)
                 rows.append({"link": link, "d": 10_000, "M": m, "topology": topo,
-                             "setting": setting, "round_ms": float(f @ truth), "batch": 128,
-                             "codec": "batched"})
-    x, errs = model.fit_rows(rows, 2)
-    np.testing.assert_allclose(x, truth, rtol=1e-6)
+                             "setting": setting,
+                             "round_ms": float(model.round_ms(truth, f, beta)),
+                             "batch": 128, "codec": "batched"})
+    x, got_beta, errs = model.fit_rows(rows, 2)
+    assert got_beta == beta
+    np.testing.assert_allclose(x, truth, rtol=1e-6, atol=1e-9)
     assert max(abs(e["error"]) for e in errs) < 1e-9
+
+
+def test_a_round_is_bound_by_the_longer_of_link_and_cpu():
+    f = np.zeros((3, len(model.PARAMS)))
+    f[0, 0], f[1, 2], f[2, 7] = 1.0, 10.0, 4.0  # fixed, bytes / rate, messages
+    x = np.ones(len(model.PARAMS))
+    assert model.round_ms(x, f, 0.0) == 1 + 10
+    assert model.round_ms(x, f, 0.5) == 1 + 10 + 2
+    assert model.round_ms(x, f, 1.0) == 1 + 10 + 4
 
 
 def test_nnls_keeps_constants_non_negative():
