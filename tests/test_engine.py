@@ -100,6 +100,24 @@ def test_online_setting_and_early_stop_match_sim(tmp_path):
     assert loc["rel_error"][-1] <= 1e-3 and len(loc["round"]) < 400
 
 
+@pytest.mark.parametrize("topology", ["ps", "allreduce"])
+def test_online_batches_drawn_ahead_by_the_agents_match_sim(tmp_path, topology):
+    """Large enough online batches are drawn a round ahead on the agents (not in sim): the
+    runs still agree bit for bit, over two trials one after another (each node closes the
+    last trial's drawing thread)."""
+    from worker import node
+
+    exp = experiment(problem={"n": 0, "d": 1 << 16}, cluster={"topology": topology},
+                     train={"rounds": 6, "batch_size": 16, "lr": 1e-5},
+                     sweep={"train.rounds": [6, 3]})
+    assert (1 << 16) * 16 >= node.DRAW_AHEAD_MIN
+    sim_path, _ = run(exp, "sim", tmp_path / "sim")
+    loc_path, _ = run(exp, "local", tmp_path / "local")
+    sim, loc = read_metrics(sim_path / "metrics.csv"), read_metrics(loc_path / "metrics.csv")
+    assert len(loc["rel_error"]) == 9
+    np.testing.assert_array_equal(loc["rel_error"], sim["rel_error"])
+
+
 def test_a_missing_worker_is_a_clear_error_naming_its_rank(tmp_path):
     from orchestrator.errors import RunError
     from orchestrator.master import ZmqPool

@@ -12,7 +12,8 @@ from orchestrator.config import from_dict
 from orchestrator.results import load_run
 from orchestrator.runner import run_experiment
 from orchestrator.trial import SimPool, run_trial
-from worker import relu
+from worker import node, relu
+from worker.node import TrialSpec
 
 SMALL = {
     "problem": {"d": 20, "n": 400, "seed": 1},
@@ -376,3 +377,35 @@ def test_a_forked_child_decodes_on_threads_of_its_own():
     finally:
         node.PARALLEL_DECODE_MIN_BYTES.clear()
         node.PARALLEL_DECODE_MIN_BYTES.update(saved)
+
+
+def test_online_batches_drawn_ahead_on_a_lower_priority_thread_are_the_same_batches():
+    """An agent's node draws round r + 1's online batch while round r runs: the gradients
+    are bit for bit those of a node that draws each batch when it needs it, also when a
+    round is skipped (a batch drawn ahead for another round is dropped)."""
+    import os
+    import threading
+
+    s = TrialSpec(d=1 << 16, n=0, seed=3, rounds=8, batch_size=16, lr=0.1, scheme="none",
+                  workers=2, topology="ps")
+    assert s.d * s.batch_size >= node.DRAW_AHEAD_MIN
+    ahead, plain = node.WorkerNode(s, 1, draw_ahead=True), node.WorkerNode(s, 1)
+    try:
+        assert plain.drawer is None and ahead.drawer is not None
+        w = np.random.default_rng(0).standard_normal(s.d) * 1e-3
+        for r in (0, 1, 2, 5, 6, 7):
+            assert ahead.gradient(w, r).tobytes() == plain.gradient(w, r).tobytes()
+            want = r + 1 if r + 1 < s.rounds else None
+            assert (ahead.ahead[0] if ahead.ahead else None) == want
+        me = os.getpriority(os.PRIO_PROCESS, 0)
+        nice = ahead.drawer.submit(
+            lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
+        assert nice == min(19, me + 10)
+    finally:
+        ahead.close()
+    assert ahead.drawer is None
+    small = TrialSpec(d=100, n=0, seed=3, rounds=8, batch_size=16, workers=2)
+    assert node.WorkerNode(small, 0, draw_ahead=True).drawer is None  # not worth a thread
+    huge = TrialSpec(d=1 << 20, n=0, seed=3, rounds=8, batch_size=64, workers=2)
+    assert huge.d * huge.batch_size > node.DRAW_AHEAD_MAX  # 512 MB a batch: not twice
+    assert node.WorkerNode(huge, 0, draw_ahead=True).drawer is None

@@ -117,8 +117,10 @@ class _Work:
               resume: tuple[Any, Any, Any] | None = None) -> tuple[str, int]:
         """Build the trial's node; ``resume``: (states, replica frame, own payload frame)
         of a checkpoint to take it up from."""
-        self.node = None  # free the last trial's shard before building the next one
-        nd = WorkerNode(spec, rank)
+        if self.node is not None:  # free the last trial's shard before building the next one
+            self.node.close()
+            self.node = None
+        nd = WorkerNode(spec, rank, draw_ahead=True)  # online data: next batch while we wait
         if resume is not None:
             states, replica, own = (protocol.buffer(f) if i else f for i, f in enumerate(resume))
             nd.restore(states, node.decode_weights64(replica, spec.d) if len(replica) else None,
@@ -315,6 +317,8 @@ class Agent:
         self.compute.jobs.put(None)
         if self.compute.ident is not None:  # run() may have failed before starting it
             self.compute.join(timeout=1.0)
+        if self.work.node is not None and not self.compute.is_alive():
+            self.work.node.close()  # no batch drawn ahead for a round that will not come
         self.bell.close(linger=0)
         self.hb.close(linger=0)
         if self.handshake is not None:
