@@ -1,5 +1,6 @@
 """benchmarks/scaling.py's bytes per link and benchmarks/model.py's cost model, without netns."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -92,3 +93,29 @@ def test_rounds_are_held_beyond_the_largest_measured_m_and_scaled_with_d():
     assert model.rounds_for(rows, "allreduce", "fp32", 64, 10_000) == 1800
     assert model.rounds_for(rows, "allreduce", "fp32", 64, 1_000_000) == 180_000
     assert model.rounds_for(rows, "broadcast", "fp32", 4, 10_000) is None
+
+
+def test_the_command_fits_several_files_and_leaves_out_the_excluded_runs(tmp_path, monkeypatch,
+                                                                           capsys):
+    truth = np.array([0.5, 0.2, 1.0, 3.0, 30.0, 0.77, 0.0, 20.0])
+    files = []
+    for link in ("10mbit", "100mbit"):
+        rows = []
+        for m in (2, 4, 8):
+            for topo, setting in (("broadcast", "fp32"), ("broadcast", "s15b128fixed"),
+                                  ("allreduce", "fp32"), ("allreduce", "s15b128fixed"),
+                                  ("mpi-allreduce", "fp32")):
+                f = model.features(topo, setting, m, 10_000, 128, model.rate_of(link), 2)
+                rows.append({"link": link, "d": 10_000, "M": m, "topology": topo,
+                             "setting": setting, "round_ms": float(model.round_ms(truth, f, 0.0)),
+                             "codec": "batched", "run": "after"})
+        rows.append({**rows[0], "round_ms": 1e4, "run": "code before"})  # would spoil the fit
+        files.append(tmp_path / f"{link}.json")
+        files[-1].write_text(json.dumps(rows))
+    monkeypatch.setattr(sys, "argv", ["model.py", *map(str, files), "--exclude", "before",
+                                      "--json", str(tmp_path / "out.json")])
+    model.main()
+    out = capsys.readouterr().out
+    assert "largest error 0% over 30 rows (30 within 20%)" in out
+    saved = json.loads((tmp_path / "out.json").read_text())
+    assert saved["params"]["beta"] == 0.0 and len(saved["errors"]) == 30
