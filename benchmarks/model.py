@@ -129,7 +129,7 @@ def round_ms(x: np.ndarray, feats: np.ndarray, beta: float) -> np.ndarray:
 
 
 def nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Least squares with x >= 0, by trying every set of free columns (2^7 - 1 tries)."""
+    """Least squares with x >= 0, by trying every set of free columns (2^k - 1 tries for k)."""
     best, best_err = np.zeros(a.shape[1]), float(np.sum(b ** 2))
     for k in range(1, a.shape[1] + 1):
         for cols in itertools.combinations(range(a.shape[1]), k):

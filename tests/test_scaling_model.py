@@ -50,20 +50,24 @@ def test_an_allreduce_workers_codec_calls_stop_growing_with_m_once_batched():
     assert [calls(m, True) for m in (2, 8, 64)] == [6 + 2, 10 + 3, 10 + 3]
 
 
+def modelled_rows(truth: np.ndarray, beta: float, link: str) -> list[dict]:
+    """Rows as scaling.py writes them, with the rounds the model gives for ``truth``."""
+    rows = []
+    for m in (2, 4, 8):
+        for topo, setting in (("broadcast", "fp32"), ("broadcast", "s15b128fixed"),
+                              ("allreduce", "fp32"), ("allreduce", "s15b128fixed"),
+                              ("mpi-allreduce", "fp32")):
+            f = model.features(topo, setting, m, 10_000, 128, model.rate_of(link), 2)
+            rows.append({"link": link, "d": 10_000, "M": m, "topology": topo,
+                         "setting": setting, "round_ms": float(model.round_ms(truth, f, beta)),
+                         "batch": 128, "codec": "batched"})
+    return rows
+
+
 @pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
 def test_the_fit_recovers_known_constants_and_overlap_exactly(beta):
     truth = np.array([1.0, 0.3, 1.2, 5.0, 40.0, 2.0, 0.0, 30.0])
-    rows = []
-    for link in ("10mbit", "100mbit"):
-        for m in (2, 4, 8):
-            for topo, setting in (("broadcast", "fp32"), ("broadcast", "s15b128fixed"),
-                                  ("allreduce", "fp32"), ("allreduce", "s15b128fixed"),
-                                  ("mpi-allreduce", "fp32")):
-                f = model.features(topo, setting, m, 10_000, 128, model.rate_of(link), 2)
-                rows.append({"link": link, "d": 10_000, "M": m, "topology": topo,
-                             "setting": setting,
-                             "round_ms": float(model.round_ms(truth, f, beta)),
-                             "batch": 128, "codec": "batched"})
+    rows = modelled_rows(truth, beta, "10mbit") + modelled_rows(truth, beta, "100mbit")
     x, got_beta, errs = model.fit_rows(rows, 2)
     assert got_beta == beta
     np.testing.assert_allclose(x, truth, rtol=1e-6, atol=1e-9)
@@ -100,15 +104,7 @@ def test_the_command_fits_several_files_and_leaves_out_the_excluded_runs(tmp_pat
     truth = np.array([0.5, 0.2, 1.0, 3.0, 30.0, 0.77, 0.0, 20.0])
     files = []
     for link in ("10mbit", "100mbit"):
-        rows = []
-        for m in (2, 4, 8):
-            for topo, setting in (("broadcast", "fp32"), ("broadcast", "s15b128fixed"),
-                                  ("allreduce", "fp32"), ("allreduce", "s15b128fixed"),
-                                  ("mpi-allreduce", "fp32")):
-                f = model.features(topo, setting, m, 10_000, 128, model.rate_of(link), 2)
-                rows.append({"link": link, "d": 10_000, "M": m, "topology": topo,
-                             "setting": setting, "round_ms": float(model.round_ms(truth, f, 0.0)),
-                             "codec": "batched", "run": "after"})
+        rows = [{**r, "run": "after"} for r in modelled_rows(truth, 0.0, link)]
         rows.append({**rows[0], "round_ms": 1e4, "run": "code before"})  # would spoil the fit
         files.append(tmp_path / f"{link}.json")
         files[-1].write_text(json.dumps(rows))

@@ -97,13 +97,18 @@ class _Compute(threading.Thread):
         bell.connect(self.address)
         try:
             while (job := self.jobs.get()) is not None:
-                try:
-                    self.results.put(job())
-                except Exception as e:  # reported to the master, never a crash
-                    self.results.put(e)
+                self.results.put(_outcome(job))
                 bell.send(b"")
         finally:
             bell.close(linger=0)
+
+
+def _outcome(job: Callable[[], Any]) -> Any:
+    """A job's result, or the exception it raised (reported to the master, never a crash)."""
+    try:
+        return job()
+    except Exception as e:
+        return e
 
 
 class _Work:
@@ -464,20 +469,16 @@ class Agent:
         """Run a job of the trial: here and now when it is a round's and small (``_small``)
         and none is queued before it, else on the compute thread, in order. A thread
         hand-off costs two wake-ups and a queue each way: ~15% of a d = 1e4 allreduce round
-        with 4 agents on 2 cores (benchmarks/README.md, Rounds)."""
+        with 4 agents on 2 cores (benchmarks/README.md, Scaling)."""
         if inline and self.queued == 0 and self._small():
-            try:
-                result = job()
-            except Exception as e:  # reported to the master, as from the thread
-                result = e
-            self._on_result(result)
+            self._on_result(_outcome(job))
             return
         self.queued += 1
         self.compute.jobs.put(job)
 
     def _small(self) -> bool:
-        """A round's work short enough to block the socket loop for: well under any
-        heartbeat window (a few ms at the bounds)."""
+        """A round's work short enough to block the socket loop for (``INLINE_MAX_D``,
+        ``INLINE_MAX_WORK``): a few ms at d = 1e4, under 0.25 s at the bounds."""
         s = self.spec
         return (s is not None and s.d <= INLINE_MAX_D
                 and s.d * (s.batch_size + s.workers) <= INLINE_MAX_WORK)

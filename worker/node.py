@@ -380,17 +380,19 @@ class WorkerNode:
         batch is keyed by the round, not by a generator's state), and the next one set
         drawing."""
         s = self.spec
+
+        def draw(r: int) -> tuple[np.ndarray, np.ndarray]:
+            return relu.online_batch(s.d, s.seed, self.rank, r, s.batch_size, self.w_star)
+
         ahead, self.ahead = self.ahead, None
         if ahead is not None and ahead[0] == round_:
             batch = ahead[1].result()
         else:
             if ahead is not None:
                 ahead[1].cancel()
-            batch = relu.online_batch(s.d, s.seed, self.rank, round_, s.batch_size, self.w_star)
+            batch = draw(round_)
         if self.drawer is not None and round_ + 1 < s.rounds:
-            self.ahead = (round_ + 1, self.drawer.submit(
-                relu.online_batch, s.d, s.seed, self.rank, round_ + 1, s.batch_size,
-                self.w_star))
+            self.ahead = (round_ + 1, self.drawer.submit(draw, round_ + 1))
         return batch
 
     def close(self) -> None:
