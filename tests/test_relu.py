@@ -113,3 +113,14 @@ def test_an_online_batch_with_the_planted_weights_passed_in_is_the_same_batch():
     np.testing.assert_array_equal(y, y2)
     _, y3 = relu.online_batch(d, seed, 2, 5, 16, relu.planted_weights(d, seed + 1))
     assert not np.array_equal(y, y3)  # the labels do come from the w* given
+
+
+def test_a_minibatch_copied_into_a_buffer_is_the_same_rows_and_draws():
+    X, y, _ = relu.planted_problem(30, 400, seed=3)
+    buf = np.full((16, 30), np.nan)
+    a, b = np.random.default_rng(5), np.random.default_rng(5)
+    for _ in range(3):
+        Xa, ya = relu.minibatch(X, y, 16, a)
+        Xb, yb = relu.minibatch(X, y, 16, b, out=buf)
+        assert Xb is buf and np.array_equal(Xa, Xb) and np.array_equal(ya, yb)
+    assert a.bit_generator.state == b.bit_generator.state

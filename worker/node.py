@@ -369,6 +369,7 @@ class WorkerNode:
         self.quant_rng = relu.quant_rng(spec.seed, rank)
         if spec.n > 0:
             self.X, self.y = relu.shard(spec.d, spec.n, spec.seed, rank, spec.workers)
+            self.batch = np.empty((spec.batch_size, spec.d))  # each round's rows, in place
         self.w = np.zeros(spec.d)  # replica, used by the allgather and broadcast topologies
         self.own: np.ndarray | None = None  # allgather: the vector of our last payload
         # allreduce: the vectors of our own chunk of this round's gradient and of its mean
@@ -428,7 +429,7 @@ class WorkerNode:
         if s.n == 0:
             Xb, yb = self.online_batch(round_)
         else:
-            Xb, yb = relu.minibatch(self.X, self.y, s.batch_size, self.batch_rng)
+            Xb, yb = relu.minibatch(self.X, self.y, s.batch_size, self.batch_rng, self.batch)
         return relu.gradient(w, Xb, yb)
 
     def step(self, w: np.ndarray, round_: int) -> StepResult:
