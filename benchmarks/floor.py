@@ -14,7 +14,12 @@ least a synchronous round can cost); between barriers each does only its own wor
 - ``+ qsgd, decode 1``: the same, and decoding one payload (a ``broadcast`` replica's
   coding: the master's mean; the master's own decoding and encoding are left out);
 - ``+ qsgd, decode M``: the same, decoding the round's M payloads (an ``allgather``
-  replica's coding).
+  replica's coding);
+- ``allreduce``: an ``allreduce`` member's own work, its node's three phases as an agent runs
+  them: the gradient cut into M chunks, quantized and encoded (``scatter``); M - 1 parts of
+  its chunk decoded, averaged with its own, quantized once more and encoded (``reduce``);
+  M - 1 mean chunks decoded into the step (``gather``). The parts and means it decodes are
+  made once, up front, with the round's sizes: no peer's bytes move.
 
 No bytes move and no master runs, so the median round is a lower bound on any scheme's
 round on this machine at this size: with more workers than cores, it is the cores, not the
@@ -58,7 +63,7 @@ def spec_for(args: argparse.Namespace, setting: str) -> TrialSpec:
 
 
 MODES = {"gradient": "gradient", "encode": "+ qsgd encode", "broadcast": "+ qsgd, decode 1",
-         "allgather": "+ qsgd, decode M"}
+         "allgather": "+ qsgd, decode M", "allreduce": "allreduce: scatter, reduce, gather"}
 DECODES = {"gradient": 0, "encode": 0, "broadcast": 1}  # allgather: M
 QUIT = 255
 
@@ -70,18 +75,41 @@ def work(rank: int, args: argparse.Namespace, up: int, down: int) -> None:
     nd = WorkerNode(spec_for(args, args.setting), rank)
     w = relu.planted_weights(args.d, 1) * 0.1
     modes, r = list(MODES), 0
+    members, parts, means = allreduce_stand_ins(nd, w)
     os.write(up, b"r")  # shard built
     while (cmd := os.read(down, 1)[0]) != QUIT:
         mode, alone = modes[cmd // 2], cmd % 2
         if rank == 0 or not alone:
             if mode == "gradient":
                 nd.gradient(w, r)
+            elif mode == "allreduce":
+                w0 = nd.w
+                nd.scatter(w, r, members)
+                nd.reduce(r, members, parts)
+                nd.gather(means)
+                nd.w = w0  # every round steps from the same weights, as the other modes
             else:
                 own = nd.step(w, r).payload  # the gradient, quantized and encoded
                 for _ in range(DECODES.get(mode, nd.spec.workers)):
                     node.decode_gradient(own, nd.spec)
             r += 1
         os.write(up, b"r")
+
+
+def allreduce_stand_ins(nd: WorkerNode, w: np.ndarray) -> tuple[list[int], list, list]:
+    """What an ``allreduce`` member receives in a round, at the round's sizes: the M - 1
+    other parts of its chunk (PART) and the M - 1 other mean chunks (MEAN), each the bytes
+    of a gradient quantized as the real ones are (``None`` in its own place)."""
+    spec, rank = nd.spec, nd.rank
+    members = list(range(spec.workers))
+    bounds = node.chunk_bounds(spec, spec.workers)
+    g = nd.gradient(w, 0)
+    chunks = node.quantize_chunks(g, spec, np.random.default_rng(1), bounds)
+    payloads = node.chunk_payloads(chunks, spec)
+    means = [None if m == rank else payloads[m] for m in members]
+    own = node.quantize_chunks(g, spec, np.random.default_rng(2), bounds)[rank]
+    parts = [None if m == rank else node.chunk_payloads([own], spec)[0] for m in members]
+    return members, parts, means
 
 
 class Barrier:

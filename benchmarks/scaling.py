@@ -26,7 +26,9 @@ Bytes per round (medians), from the metrics: the master's link (bytes_up + bytes
 worker's link (its share of bytes_up + bytes_peer out, of bytes_down + bytes_peer in; the
 larger direction) and the total; MPI's are its ring's payload, 2 (M-1)/M 4d per rank and
 direction. The byte floor of a round is the busiest link direction's bytes over the link
-rate; the compute floor is benchmarks/floor.py's (run once per M, with no cluster up).
+rate; the compute floor is benchmarks/floor.py's (run once per M, with no cluster up): the
+gradient for float32, and for QSGD the row's own topology's work (``broadcast``: encode one,
+decode one; ``allreduce``: a member's scatter, reduce and gather, both quantizations).
 
 Last, ``--big-d``: at d = 1e6 on ``--big-link`` with 4 workers, a few rounds per row for the
 time per round only (online data), MPI included.
@@ -180,7 +182,7 @@ def lr_at(args: argparse.Namespace, m: int) -> float:
 
 
 def floor_ms(args: argparse.Namespace, m: int, tmp: Path) -> dict:
-    """benchmarks/floor.py at M workers (no cluster up): gradient, + encode, + decode 1."""
+    """benchmarks/floor.py at M workers (no cluster up): ms a round per kind of work."""
     figures = floor_figures(args, m, "s15b128fixed", tmp / f"floor{m}.json", "--rounds", "150",
                             "--repeats", "3", quiet=True)
     return {k: 1e3 * v for k, v in figures["all_s"].items()}
@@ -210,7 +212,9 @@ def run_link(link: str, args: argparse.Namespace, tmp: Path, sims: dict,
             for r in rows:
                 if r["M"] == m and r["link"] == link and m in floors:
                     f = floors[m]
-                    compute = f["gradient"] if r["setting"] == "fp32" else f["broadcast"]
+                    # a QSGD row's floor is its own topology's coding (floor.py's modes)
+                    compute = (f["gradient"] if r["setting"] == "fp32" else
+                               f.get(r["topology"], f["broadcast"]))
                     r["floor_ms"] = max(compute, r["bytes_floor_ms"])
                     r["vs_floor"] = r["round_ms"] / r["floor_ms"]
         if args.big_d and link == args.big_link:

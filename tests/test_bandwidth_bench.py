@@ -79,13 +79,14 @@ def test_the_compute_floor_script_times_real_worker_processes(tmp_path):
     rows = [line.split("|")[1:-1] for line in out.stdout.splitlines()
             if line.startswith("| ") and "work per worker" not in line]
     assert [r[0].strip() for r in rows] == ["gradient", "+ qsgd encode", "+ qsgd, decode 1",
-                                            "+ qsgd, decode M"]
+                                            "+ qsgd, decode M",
+                                            "allreduce: scatter, reduce, gather"]
     ms = [[float(c.split()[0]) for c in r[1:3]] for r in rows]  # "median [min-max]"
     assert all(v > 0 for pair in ms for v in pair)
     assert "2 workers" in out.stdout and "bits per coordinate" in out.stdout
     saved = json.loads((tmp_path / "floor.json").read_text())
     assert saved["workers"] == 2 and set(saved["all_s"]) == {"gradient", "encode", "broadcast",
-                                                             "allgather"}
+                                                             "allgather", "allreduce"}
     assert saved["all_s"]["encode"] == pytest.approx(float(rows[1][2].split()[0]) / 1e3,
                                                      abs=6e-6)  # the table's row, in seconds
 
@@ -123,3 +124,27 @@ def test_the_report_keeps_the_floor_row_out_of_the_table(capsys):
     out = capsys.readouterr().out
     assert "| floor |" not in out and "out of reach on this machine" in out
     assert "| 100mbit | 1e+04 | broadcast | s15b128fixed |" in out
+
+
+def test_the_floor_s_allreduce_member_decodes_parts_and_means_of_its_rounds_sizes():
+    spec_ = importlib.util.spec_from_file_location("floor_bench", _PATH.parent / "floor.py")
+    floor = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(floor)
+    from worker import node, relu
+
+    args = argparse.Namespace(d=300, n=300, batch=8, workers=3, rounds=5)
+    nd = node.WorkerNode(floor.spec_for(args, "s15b128fixed"), 1)
+    w = relu.planted_weights(args.d, 1) * 0.1
+    members, parts, means = floor.allreduce_stand_ins(nd, w)
+    bounds = node.chunk_bounds(nd.spec, 3)
+    assert members == [0, 1, 2] and parts[1] is None and means[1] is None
+    lo, hi = bounds[1]  # every part is one of rank 1's chunk, every mean its owner's
+    for p in (parts[0], parts[2]):
+        assert node.decode_gradient(p, node.chunk_spec(nd.spec, lo, hi)).shape == (hi - lo,)
+    for j in (0, 2):
+        got = node.decode_gradient(means[j], node.chunk_spec(nd.spec, *bounds[j]))
+        assert got.shape == (bounds[j][1] - bounds[j][0],)
+    nd.scatter(w, 0, members)
+    assert len(nd.reduce(0, members, parts)) > 0
+    assert nd.own_mean.shape == (hi - lo,)
+    nd.gather(means)  # decodes the others' mean chunks (the floor's spec steps with lr 0)
