@@ -20,7 +20,7 @@ from orchestrator.master import ZmqPool, create_curve_keys
 from orchestrator.providers import open_pool
 from orchestrator.results import load_run, read_metrics
 from orchestrator.runner import run_experiment
-from worker import protocol
+from worker import agent, protocol
 
 BASE = {
     "problem": {"d": 16, "n": 600, "seed": 5},
@@ -549,3 +549,25 @@ def test_a_rounds_small_work_runs_on_the_socket_thread_and_large_work_on_the_com
     assert len(where) >= 3 * 12
     expected = {f"agent-{r}" for r in range(3)} if inline else {"relufit-compute"}
     assert set(where) == expected
+
+
+@pytest.mark.parametrize("sched, policy", [(None, "SCHED_BATCH"), ("normal", "SCHED_OTHER")])
+def test_an_agent_runs_every_thread_under_batch_scheduling_unless_told_not_to(sched, policy):
+    ctx = zmq.Context()
+    r = ctx.socket(zmq.ROUTER)
+    r.setsockopt(zmq.LINGER, 0)
+    port = r.bind_to_random_port("tcp://127.0.0.1")
+    env = {k: v for k, v in os.environ.items() if k != agent.SCHED_ENV}
+    if sched is not None:
+        env[agent.SCHED_ENV] = sched
+    proc = subprocess.Popen(agent_cmd(f"tcp://127.0.0.1:{port}", "--timeout", "10"), env=env)
+    try:
+        assert r.poll(10000)  # its HELLO: the socket loop and ZeroMQ's threads are up
+        tids = [int(t) for t in os.listdir(f"/proc/{proc.pid}/task")]
+        assert len(tids) >= 3  # the socket loop, the compute thread, ZeroMQ's I/O thread
+        assert {os.sched_getscheduler(t) for t in tids} == {getattr(os, policy)}
+    finally:
+        proc.kill()
+        proc.wait()
+        r.close()
+        ctx.term()
