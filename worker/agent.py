@@ -65,8 +65,9 @@ def batch_scheduling() -> bool:
     thread is never preempted on wake-up; it runs on as before, and an idle core still
     takes the woken thread at once, so a core per process (EC2) loses nothing. Measured on
     2 cores, d = 1e4 ``allreduce`` on ``local``: with 8 agents a round 0.82-0.92x as long
-    and 0.82-0.93x the CPU, with 4 agents 0.89x (benchmarks/sched.py). Nothing changes but
-    when threads run."""
+    and 0.82-0.93x the CPU, with 4 agents 0.89x (benchmarks/sched.py); on the 10 Mbit/s
+    netns cluster, where the link takes part of the round, within the runs' spread.
+    Nothing changes but when threads run."""
     if os.environ.get(SCHED_ENV, "batch") != "batch" or not hasattr(os, "SCHED_BATCH"):
         return False
     try:
