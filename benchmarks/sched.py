@@ -38,7 +38,7 @@ seed = 0
 [train]
 rounds = 1000000
 batch_size = 128
-lr = 0.09
+lr = {lr}
 target_rel_error = 0
 [compress]
 scheme = "qsgd"
@@ -109,6 +109,7 @@ def main() -> None:
     p.add_argument("--topology", default="allreduce")
     p.add_argument("--d", type=int, default=10_000)
     p.add_argument("--n", type=int, default=100_000)
+    p.add_argument("--lr", type=float, default=0.09, help="small enough not to diverge at M")
     p.add_argument("--pairs", type=int, default=6)
     p.add_argument("--window", type=float, default=10.0, help="s of CPU sampling a run")
     p.add_argument("--settle", type=float, default=14.0, help="s before sampling")

@@ -551,8 +551,9 @@ def test_a_rounds_small_work_runs_on_the_socket_thread_and_large_work_on_the_com
     assert set(where) == expected
 
 
-@pytest.mark.parametrize("sched, policy", [(None, "SCHED_BATCH"), ("normal", "SCHED_OTHER")])
-def test_an_agent_runs_every_thread_under_batch_scheduling_unless_told_not_to(sched, policy):
+@pytest.mark.parametrize("sched, policy", [("batch", "SCHED_BATCH"), (None, "SCHED_OTHER"),
+                                           ("normal", "SCHED_OTHER")])
+def test_an_agent_runs_every_thread_under_batch_scheduling_when_asked(sched, policy):
     ctx = zmq.Context()
     r = ctx.socket(zmq.ROUTER)
     r.setsockopt(zmq.LINGER, 0)
@@ -571,3 +572,17 @@ def test_an_agent_runs_every_thread_under_batch_scheduling_unless_told_not_to(sc
         proc.wait()
         r.close()
         ctx.term()
+
+
+def test_the_local_backend_asks_for_batch_scheduling_only_when_processes_outnumber_cores(
+        monkeypatch):
+    from orchestrator.providers.local import agent_env
+
+    monkeypatch.delenv(agent.SCHED_ENV, raising=False)
+    assert agent_env(8, cpus=2)[agent.SCHED_ENV] == "batch"
+    assert agent_env(2, cpus=2)[agent.SCHED_ENV] == "batch"  # 2 agents and the master
+    assert agent.SCHED_ENV not in agent_env(1, cpus=2)
+    assert agent.SCHED_ENV not in agent_env(8, cpus=16)
+    assert agent_env(1, cpus=2)["OPENBLAS_NUM_THREADS"] == "1"
+    monkeypatch.setenv(agent.SCHED_ENV, "normal")  # a benchmark's baseline wins
+    assert agent_env(8, cpus=2)[agent.SCHED_ENV] == "normal"

@@ -50,8 +50,8 @@ INLINE_MAX_D = 1 << 16
 INLINE_MAX_WORK = 1 << 21
 
 
-# An agent runs its threads under Linux's SCHED_BATCH unless this is "normal" (for a
-# benchmark's baseline): see ``batch_scheduling``.
+# "batch": the agent runs its threads under Linux's SCHED_BATCH (``batch_scheduling``); the
+# local backend sets it when its agents and master outnumber the cores. Else the default.
 SCHED_ENV = "RELUFIT_AGENT_SCHED"
 
 
@@ -63,12 +63,12 @@ def batch_scheduling() -> bool:
     thread, a frame waking the socket loop) is often preempted by it at once, so with more
     processes than cores a round's dozens of messages cost a context switch each. A batch
     thread is never preempted on wake-up; it runs on as before, and an idle core still
-    takes the woken thread at once, so a core per process (EC2) loses nothing. Measured on
-    2 cores, d = 1e4 ``allreduce`` on ``local``: with 8 agents a round 0.82-0.92x as long
-    and 0.82-0.93x the CPU, with 4 agents 0.89x (benchmarks/sched.py); on the 10 Mbit/s
-    netns cluster, where the link takes part of the round, within the runs' spread.
-    Nothing changes but when threads run."""
-    if os.environ.get(SCHED_ENV, "batch") != "batch" or not hasattr(os, "SCHED_BATCH"):
+    takes the woken thread at once. Measured on 2 cores, d = 1e4 on ``local``
+    (benchmarks/sched.py): with 8 ``allreduce`` agents a round 0.82-0.92x as long and
+    0.82-0.93x the CPU, with 4 agents 0.89x; but with 1 agent and cores to spare 1.07-1.08x,
+    and on the 10 Mbit/s netns cluster within the runs' spread. So only where processes
+    outnumber cores (``SCHED_ENV``). Nothing changes but when threads run."""
+    if os.environ.get(SCHED_ENV) != "batch" or not hasattr(os, "SCHED_BATCH"):
         return False
     try:
         tids = [int(t) for t in os.listdir("/proc/self/task")]
@@ -723,7 +723,7 @@ def run_agent(opts: AgentOptions) -> int:
             peers.parse_bind(opts.peer_bind)
         except peers.PeerBindError as e:
             raise AgentError(str(e)) from None
-    batch_scheduling()  # before Agent() starts any thread: they inherit it
+    batch_scheduling()  # when asked; before Agent() starts any thread: they inherit it
     agent = Agent(opts)
     try:
         return agent.run()
