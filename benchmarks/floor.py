@@ -107,8 +107,10 @@ def allreduce_stand_ins(nd: WorkerNode, w: np.ndarray) -> tuple[list[int], list,
     chunks = node.quantize_chunks(g, spec, np.random.default_rng(1), bounds)
     payloads = node.chunk_payloads(chunks, spec)
     means = [None if m == rank else payloads[m] for m in members]
-    own = node.quantize_chunks(g, spec, np.random.default_rng(2), bounds)[rank]
-    parts = [None if m == rank else node.chunk_payloads([own], spec)[0] for m in members]
+    # another member's part of our chunk: the same chunk quantized from other draws
+    (part,) = node.chunk_payloads(
+        [node.quantize_chunks(g, spec, np.random.default_rng(2), bounds)[rank]], spec)
+    parts = [None if m == rank else part for m in members]
     return members, parts, means
 
 

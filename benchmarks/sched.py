@@ -28,28 +28,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from worker.agent import SCHED_ENV  # noqa: E402
+from benchmarks.bandwidth import SETTINGS, experiment  # noqa: E402
+from worker.node import SCHED_ENV  # noqa: E402
 
-EXPERIMENT = """name = "sched"
-[problem]
-d = {d}
-n = {n}
-seed = 0
-[train]
-rounds = 1000000
-batch_size = 128
-lr = {lr}
-target_rel_error = 0
-[compress]
-scheme = "qsgd"
-levels = 15
-coding = "fixed"
-bucket_size = 128
-[cluster]
-workers = {workers}
-topology = "{topology}"
-"""
-
+SETTING = "s15b128fixed"
 
 def tree(pid: int) -> list[int]:
     out = [pid]
@@ -74,14 +56,21 @@ def cpu_s(root: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def overrides(args: argparse.Namespace) -> list[str]:
+    """``relufit run --set`` options that make bandwidth.py's experiment this benchmark's."""
+    sets = [f"cluster.topology={args.topology}",
+            *(f"compress.{k}={v}" for k, v in SETTINGS[SETTING].items())]
+    return [a for s in sets for a in ("--set", s)]
+
+
 def one_run(exp: Path, out: Path, sched: str, args: argparse.Namespace) -> tuple[float, float]:
     """(median round s, CPU s per round) of one run with the agents' policy ``sched``."""
     env = dict(os.environ, **{SCHED_ENV: sched})
     before = set(out.iterdir())
     with open(out.parent / "relufit.log", "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", str(exp),
-                                 "--out", str(out)], env=env, stdout=subprocess.DEVNULL,
-                                stderr=log)
+                                 "--out", str(out), *overrides(args)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=log)
     try:
         time.sleep(args.settle)  # shards built, rounds under way
         c0, t0 = cpu_s(proc.pid), time.monotonic()
@@ -98,7 +87,9 @@ def one_run(exp: Path, out: Path, sched: str, args: argparse.Namespace) -> tuple
     with open(run / "metrics.csv") as f:
         elapsed = np.array([float(r["elapsed_s"]) for r in csv.DictReader(f)])
     if len(elapsed) < 100:
-        raise SystemExit(f"only {len(elapsed)} rounds in {run}: raise --settle or --window")
+        tail = (out.parent / "relufit.log").read_text()[-1500:]
+        raise SystemExit(f"only {len(elapsed)} rounds in {run} (raise --settle or --window?); "
+                         f"relufit said:\n{tail}")
     per_round = float(np.median(np.diff(elapsed[50:])))
     return per_round, (c1 - c0) / ((t1 - t0) / per_round)
 
@@ -117,7 +108,8 @@ def main() -> None:
     got: dict[str, list[tuple[float, float]]] = {"normal": [], "batch": []}
     with tempfile.TemporaryDirectory() as tmp:
         exp = Path(tmp) / "sched.toml"
-        exp.write_text(EXPERIMENT.format(**vars(args)))
+        # no target: a run goes on until it is stopped
+        exp.write_text(experiment(args.d, args.n, 128, args.lr, 1_000_000, 0, args.workers))
         out = Path(tmp) / "results"
         out.mkdir()
         for i in range(args.pairs):

@@ -20,7 +20,7 @@ from orchestrator.master import ZmqPool, create_curve_keys
 from orchestrator.providers import open_pool
 from orchestrator.results import load_run, read_metrics
 from orchestrator.runner import run_experiment
-from worker import agent, protocol
+from worker import node, protocol
 
 BASE = {
     "problem": {"d": 16, "n": 600, "seed": 5},
@@ -558,9 +558,9 @@ def test_an_agent_runs_every_thread_under_batch_scheduling_when_asked(sched, pol
     r = ctx.socket(zmq.ROUTER)
     r.setsockopt(zmq.LINGER, 0)
     port = r.bind_to_random_port("tcp://127.0.0.1")
-    env = {k: v for k, v in os.environ.items() if k != agent.SCHED_ENV}
+    env = {k: v for k, v in os.environ.items() if k != node.SCHED_ENV}
     if sched is not None:
-        env[agent.SCHED_ENV] = sched
+        env[node.SCHED_ENV] = sched
     proc = subprocess.Popen(agent_cmd(f"tcp://127.0.0.1:{port}", "--timeout", "10"), env=env)
     try:
         assert r.poll(10000)  # its HELLO: the socket loop and ZeroMQ's threads are up
@@ -578,11 +578,11 @@ def test_the_local_backend_asks_for_batch_scheduling_only_when_processes_outnumb
         monkeypatch):
     from orchestrator.providers.local import agent_env
 
-    monkeypatch.delenv(agent.SCHED_ENV, raising=False)
-    assert agent_env(8, cpus=2)[agent.SCHED_ENV] == "batch"
-    assert agent_env(2, cpus=2)[agent.SCHED_ENV] == "batch"  # 2 agents and the master
-    assert agent.SCHED_ENV not in agent_env(1, cpus=2)
-    assert agent.SCHED_ENV not in agent_env(8, cpus=16)
+    monkeypatch.delenv(node.SCHED_ENV, raising=False)
+    assert agent_env(8, cpus=2)[node.SCHED_ENV] == "batch"
+    assert agent_env(2, cpus=2)[node.SCHED_ENV] == "batch"  # 2 agents and the master
+    assert node.SCHED_ENV not in agent_env(1, cpus=2)
+    assert node.SCHED_ENV not in agent_env(8, cpus=16)
     assert agent_env(1, cpus=2)["OPENBLAS_NUM_THREADS"] == "1"
-    monkeypatch.setenv(agent.SCHED_ENV, "normal")  # a benchmark's baseline wins
-    assert agent_env(8, cpus=2)[agent.SCHED_ENV] == "normal"
+    monkeypatch.setenv(node.SCHED_ENV, "normal")  # a benchmark's baseline wins
+    assert agent_env(8, cpus=2)[node.SCHED_ENV] == "normal"

@@ -50,40 +50,6 @@ INLINE_MAX_D = 1 << 16
 INLINE_MAX_WORK = 1 << 21
 
 
-# "batch": the agent runs its threads under Linux's SCHED_BATCH (``batch_scheduling``); the
-# local backend sets it when its agents and master outnumber the cores. Else the default.
-SCHED_ENV = "RELUFIT_AGENT_SCHED"
-
-
-def batch_scheduling() -> bool:
-    """Put every thread of this process (a BLAS library's among them) under SCHED_BATCH,
-    and so every thread they start after (ZeroMQ's, the compute thread); True when it took.
-
-    Under the default policy a thread that wakes another (a send waking ZeroMQ's I/O
-    thread, a frame waking the socket loop) is often preempted by it at once, so with more
-    processes than cores a round's dozens of messages cost a context switch each. A batch
-    thread is never preempted on wake-up; it runs on as before, and an idle core still
-    takes the woken thread at once. Measured on 2 cores, d = 1e4 on ``local``
-    (benchmarks/sched.py): with 8 ``allreduce`` agents a round 0.82-0.92x as long and
-    0.82-0.93x the CPU, with 4 agents 0.89x; but with 1 agent and cores to spare 1.07-1.08x,
-    and on the 10 Mbit/s netns cluster within the runs' spread. So only where processes
-    outnumber cores (``SCHED_ENV``). Nothing changes but when threads run."""
-    if os.environ.get(SCHED_ENV) != "batch" or not hasattr(os, "SCHED_BATCH"):
-        return False
-    try:
-        tids = [int(t) for t in os.listdir("/proc/self/task")]
-    except OSError:  # no /proc: this thread, and what it starts, is what we can reach
-        tids = [0]
-    for tid in tids:
-        try:
-            os.sched_setscheduler(tid, os.SCHED_BATCH, os.sched_param(0))
-        except ProcessLookupError:  # a thread that has just ended
-            continue
-        except OSError:  # a sandbox that forbids it: the default policy works, only slower
-            return False
-    return True
-
-
 class AgentError(Exception):
     """The agent cannot start (bad option, unreadable key file); a one-line message."""
 
@@ -723,7 +689,7 @@ def run_agent(opts: AgentOptions) -> int:
             peers.parse_bind(opts.peer_bind)
         except peers.PeerBindError as e:
             raise AgentError(str(e)) from None
-    batch_scheduling()  # when asked; before Agent() starts any thread: they inherit it
+    node.batch_scheduling()  # when asked; before Agent() starts a thread: they inherit it
     agent = Agent(opts)
     try:
         return agent.run()

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from orchestrator.config import Experiment
 from orchestrator.errors import RunError, interrupt_handler
 from orchestrator.master import ZmqPool
-from worker.agent import SCHED_ENV
+from worker.node import SCHED_ENV, usable_cpus
 
 GRACE_S = 3.0
 SINGLE_THREADED = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
@@ -36,12 +36,10 @@ def agent_argv(master: str, rank: int, timeout: float) -> list[str]:
 
 def agent_env(workers: int, cpus: int | None = None) -> dict[str, str]:
     """The agents' environment: one BLAS thread each, and SCHED_BATCH when the agents and
-    the master outnumber the cores (``worker.agent.batch_scheduling``: rounds 0.82-0.92x as
+    the master outnumber the cores (``worker.node.batch_scheduling``: rounds 0.82-0.92x as
     long with 8 agents on 2 cores, 1.07x with 1). A ``RELUFIT_AGENT_SCHED`` already set wins."""
     env = {**os.environ, **SINGLE_THREADED}
-    if cpus is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if workers + 1 > (cpus or 1):
+    if workers + 1 > (usable_cpus() if cpus is None else cpus):
         env.setdefault(SCHED_ENV, "batch")
     return env
 
