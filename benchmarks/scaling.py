@@ -30,6 +30,13 @@ rate; the compute floor is benchmarks/floor.py's (run once per M, with no cluste
 gradient for float32, and for QSGD the row's own topology's work (``broadcast``: encode one,
 decode one; ``allreduce``: a member's scatter, reduce and gather, both quantizations).
 
+Packets the links dropped, per row: every host's two tbf queues (``tc -s qdisc``: its eth0
+for what it sends, its bridge-side veth for what it takes in) are read before and after the
+row's run (one run per topology and setting), and the difference is divided by the rounds
+run: ``drops`` over all hosts, ``master_drops`` on the master's host. A tbf queue holds 50 ms
+of the rate; what a host sends at once beyond it is dropped and TCP backs off
+(benchmarks/model.py's loss term).
+
 Last, ``--big-d``: at d = 1e6 on ``--big-link`` with 4 workers, a few rounds per row for the
 time per round only (online data), MPI included.
 """
@@ -39,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -57,6 +65,7 @@ from benchmarks.bandwidth import (  # noqa: E402
     sweep_toml,
 )
 from benchmarks.mpi_baseline import ring_bytes  # noqa: E402
+from orchestrator.providers import netns  # noqa: E402
 from orchestrator.rates import parse_rate  # noqa: E402
 from orchestrator.results import load_run  # noqa: E402
 
@@ -125,15 +134,45 @@ def link_bytes(m: dict, workers: int) -> dict:
             "total_kb": (up + down + peer) / 1e3}
 
 
+_DROPPED = re.compile(r"\(dropped (\d+),")
+
+
+def qdisc_drops(text: str) -> int:
+    """Packets dropped, summed over the qdiscs of ``tc -s qdisc show`` output."""
+    return sum(int(n) for n in _DROPPED.findall(text))
+
+
+def link_drops(name: str) -> dict[int, int]:
+    """Packets dropped so far on each host's two shaped directions (rank: count; rank 0 is
+    the master's host)."""
+    out = {}
+    for h in netns.load_state(name).hosts:
+        sent = subprocess.run(["ip", "netns", "exec", h.namespace, "tc", "-s", "qdisc", "show",
+                               "dev", "eth0"], capture_output=True, text=True).stdout
+        taken = subprocess.run(["tc", "-s", "qdisc", "show", "dev", h.veth],
+                               capture_output=True, text=True).stdout
+        out[h.rank] = qdisc_drops(sent) + qdisc_drops(taken)
+    return out
+
+
+def drop_figures(before: dict[int, int], after: dict[int, int], rounds: int) -> dict:
+    """Drops a round over all hosts and on the master's (rank 0)."""
+    diff = {r: after[r] - before.get(r, 0) for r in after}
+    return {"drops": sum(diff.values()) / max(rounds, 1),
+            "master_drops": diff.get(0, 0) / max(rounds, 1)}
+
+
 def cluster_rows(name: str, link: str, m: int, exp_file: Path, topologies: list[str],
                  settings: list[str], sims: dict, out: Path, d: int, bps: int,
                  n: int, batch: int) -> list[dict]:
     rows = []
-    for topo in topologies:
+    for topo, one in ((t, s) for t in topologies for s in settings):
+        before = link_drops(name)
         stdout = relufit("run", str(exp_file), "--cluster", name, "--out", str(out),
                          "--set", f"cluster.workers={m}", "--set", f"cluster.topology={topo}",
                          "--set", f"cluster.link={link}",
-                         "--set", f"sweep.compress={sweep_toml(settings)}")
+                         "--set", f"sweep.compress={sweep_toml([one])}")
+        after = link_drops(name)
         for t in load_run(stdout.strip().splitlines()[-1])["trials"]:
             mt, setting = t["metrics"], setting_name(t["params"])
             sl = slice(WARMUP, None)
@@ -143,7 +182,8 @@ def cluster_rows(name: str, link: str, m: int, exp_file: Path, topologies: list[
                    "compute_ms": 1e3 * float(np.median(mt["t_compute"][sl])),
                    "coding_ms": 1e3 * float(np.median((mt["t_encode"] + mt["t_decode"])[sl])),
                    "network_ms": 1e3 * float(np.median(mt["t_network"][sl])),
-                   **link_bytes(mt, m)}
+                   **link_bytes(mt, m),
+                   **drop_figures(before, after, len(mt["rel_error"]))}
             row["bytes_floor_ms"] = 8e3 * row["busiest_kb"] * 1e3 / bps
             sim = sims.get((topo, setting))
             if sim is not None:
@@ -161,15 +201,17 @@ def mpi_row(name: str, link: str, m: int, d: int, n: int, batch: int, lr: float,
             fp32_rounds: int | None, bps: int) -> dict:
     from benchmarks.mpi_baseline import run_mpi
 
+    before = link_drops(name)
     res = run_mpi(name, d=d, n=n, batch=batch, lr=lr, rounds=rounds, target=0, seed=0,
                   ranks=m)
+    drops = drop_figures(before, link_drops(name), rounds)
     ring = ring_bytes(d, m)
     row = {"link": link, "d": d, "n": n, "batch": batch, "M": m, "topology": "mpi-allreduce",
            "setting": "fp32",
            "round_ms": res["round_ms"], "compute_ms": res["compute_ms"], "coding_ms": 0.0,
            "network_ms": res["network_ms"], "master_kb": 0.0, "worker_kb": ring / 1e3,
            "busiest_kb": ring / 1e3, "total_kb": m * ring / 1e3,
-           "bytes_floor_ms": 8e3 * ring / bps, "rounds": fp32_rounds,
+           "bytes_floor_ms": 8e3 * ring / bps, "rounds": fp32_rounds, **drops,
            "t_target": fp32_rounds * res["round_ms"] / 1e3 if fp32_rounds else None}
     print(fmt(row), flush=True)
     return row
@@ -241,12 +283,14 @@ def fmt(r: dict) -> str:
             f"{r['master_kb']:.1f} | {r['worker_kb']:.1f} | {r['total_kb']:.1f} | "
             f"{_f(r.get('floor_ms'))} | {_f(r.get('vs_floor'), '.2f')} | "
             f"{_f(r.get('vs_mpi'), '.2f')} | {_f(r.get('vs_broadcast'), '.2f')} | "
+            f"{_f(r.get('drops'))} | "
             f"{ {True: 'yes', False: 'NO'}.get(r.get('equals_sim'), '-') } |")
 
 
 HEADER = ("| link | d | M | topology | setting | round ms | compute ms | coding ms | network ms "
           "| rounds to 1e-6 | time to 1e-6 s | master kB | worker kB | total kB | floor ms "
-          "| round / floor | vs MPI | vs broadcast | first rounds = sim |\n" + "|---" * 19 + "|")
+          "| round / floor | vs MPI | vs broadcast | drops a round | first rounds = sim |\n"
+          + "|---" * 20 + "|")
 
 
 def add_ratios(rows: list[dict]) -> None:
