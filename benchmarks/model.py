@@ -3,55 +3,77 @@
 Run: python benchmarks/model.py ROWS.json [ROWS.json ...] [--cores 2] [--exclude TEXT]
     [--plot PNG] [--json OUT]
     (ROWS.json: the --json of benchmarks/scaling.py; several are fitted together)
+     python benchmarks/model.py --measure
+    (times the per-coordinate constants alone, the defaults of --enc-ns, --dec-ns, --draw-ns)
 
 Per topology and row, a round is a time on the links, a time on the CPUs, and what is
-paid either way, each a known count times a fitted constant:
+paid either way, each a known count times a constant:
 
     round = fixed + alpha * hops + max(link, cpu) + beta * min(link, cpu)
-    link  = kappa * busiest link direction's bytes / rate
-    cpu   = crowding * worker (delta * d * batch + gamma * coded coordinates
-                               + c_call * codec calls + mu * messages)
-            + master (gamma * coded coordinates + c_call * codec calls + mu * messages)
+    link  = kappa * bytes on the critical path of the busiest link / rate
+            + lambda * packets the links dropped
+    cpu   = crowd * worker's + crowd_master * master's
+              (delta * d * batch [+ draw * d * batch, online data] + enc * coordinates
+               quantized and encoded + dec * coordinates decoded and dequantized
+               + c_call * codec calls + mu * messages)
 
-- link: a round's bytes over the busiest direction of the busiest link, at its nominal
-  rate; kappa is how far the link really runs from nominal (TCP, framing; tbf's bucket of
-  32 kB lets short bursts through above the rate). For a compressed payload P of the whole
-  vector and F = 4d, the master's link carrying all M workers' traffic (a cluster's master
-  has node 0 to itself: ``remote.placement``): ps M F (weights out; M P in), broadcast M P
-  (in, then out: the two directions overlap across workers), allgather M (M - 1) P out,
-  allreduce (2M - 1)/M P out of a worker (its parts to M - 1 owners, then its mean chunk to
-  M - 1 peers and the master), MPI ring 2 (M - 1)/M F.
-- cpu: what the processes of a round spend, the workers' share stretched by crowding =
-  max(1, (M + 1)/cores) (M workers and a master on ``cores`` CPUs: on the 2-core machine
-  the rows come from, the round waits for the sum of everyone's CPU; on EC2, one core each,
-  for the slowest worker and the master). Coded coordinates and codec calls as coded on the
-  critical path: ps d (M d and M calls at the master); broadcast 2d (+ (M + 1) d);
-  allgather M d (+ M d); allreduce d + 2 (M - 1)/M d + d/M on a worker and d at the
-  master. An allreduce worker's calls are batched (the code since 2026-12-03; scaling.py's
-  rows say ``"codec": "batched"``): one quantize of its chunks, one encode pass per chunk
-  shape for the parts it sends, one decode pass for the parts it receives, a quantize and
-  an encode of its mean, one decode pass per shape for the means (chunks come in at most 3
-  shapes: k = min(M - 1, 3)), so 4 + 2k calls, and the master min(M, 3); rows without that
-  field were measured with the code before, one call per chunk: 3M - 1 and M. float32 codes
-  nothing. Messages a process sends or takes in a round: a star's worker 2 and its master
-  2M; an allreduce worker 2 + 4 (M - 1) (its parts and means both ways, the ROUND and its
-  GRADIENT); an MPI rank none (C, no Python). delta, the gradient per coordinate and
-  sample, is not fitted but measured (``--delta-ns``, default 0.77 ns: benchmarks/floor.py's
-  one worker alone, 0.99 ms at d = 1e4 and batch 128); fitted, the noisy rows gave it 0
-  and the other terms its time, which left the gradient out of every prediction.
+- Measured alone, not fitted (the defaults; ``--measure`` times them on this machine):
+  delta, the gradient per coordinate and sample (0.77 ns: benchmarks/floor.py's one worker
+  alone, 0.99 ms at d = 1e4, batch 128); draw, an online sample's Gaussian draw per
+  coordinate (10.9 ns); enc, QSGD s = 15, bucket 128 quantize + fixed-width encode per
+  coordinate (11.4 ns), and dec, decode + dequantize (2.7 ns), both at d = 1e6 where the
+  per-call cost is nothing. Fitted, the noisy rows traded them against each other (an
+  encode that cost nothing, a decode at 53 ns); measured, they are what one core spends,
+  which is what the prediction below assumes.
+- Fitted: fixed, alpha, kappa, c_call, mu, lambda, by non-negative least squares on
+  relative error (every row weighs alike, whatever its size), alternating with which of
+  link and CPU each row is bound by until that stops changing; beta on a grid (0, 0.1,
+  ..., 1), the one with the most rows within 20%. The error on each row is reported.
+- link: bytes over the busiest direction of the busiest link, at its nominal rate; kappa
+  is how far the link really runs from nominal. For a compressed payload P of the whole
+  vector and F = 4d: the master's link carries all M workers' traffic (a cluster's master
+  has node 0 to itself: ``remote.placement``): ps up M P and down M F, broadcast M P each
+  way. A star's two directions overlap when its master's M messages each fit the link's
+  queue (they go out whole, one after another, and a worker served early uploads while the
+  later ones download: the longer direction only); much larger ones share the link, end
+  together and the uploads follow (both directions): of the shorter direction a fraction
+  1 - min(1, queue / message) is added, queue being the netns tbf's 50 ms at the rate plus
+  its bucket (``star_bytes``). allgather M (M - 1) P out of the master; allreduce
+  (2M - 1)/M P out of a worker (its parts to M - 1 owners, then its mean chunk to M - 1
+  peers and the master); MPI ring 2 (M - 1)/M F.
+- lambda: what a packet the link's queue dropped costs (TCP resends it and backs off).
+  The count is measured per row (benchmarks/scaling.py reads every host's tbf queues), and
+  is 0 in the predictions: `allreduce` sends 1/M of the vector to each peer, never M
+  copies at once, and dropped nothing at d = 1e4.
+- cpu: the workers' counts are stretched by crowd and the master's by crowd_master
+  (``crowding``): with a core for each worker (M <= cores) 1 and 1; with fewer, the
+  workers' time is shared out over the cores (M / cores), a star's master works while
+  every worker waits for it (1), an `allreduce` master takes in mean chunks beside the
+  workers' work (1 / cores). Coordinates coded on the critical path, worker (master):
+  ps enc d (dec M d); broadcast enc d and dec d (enc d, dec M d); allgather enc d, dec
+  (M - 1) d (dec M d); allreduce enc d + d/M (its chunks, then its mean chunk) and dec
+  2 (M - 1)/M d (the parts it owns, the others' means) (dec d). An allreduce worker's
+  calls are batched (``"codec": "batched"`` in scaling.py's rows): one quantize of its
+  chunks, one encode pass per chunk shape for the parts it sends, one decode pass for the
+  parts it receives, a quantize and an encode of its mean, one decode pass per shape for
+  the means (chunks come in at most 3 shapes: k = min(M - 1, 3)), so 4 + 2k calls, and
+  the master min(M, 3); rows without that field were measured with the code before, one
+  call per chunk: 3M - 1 and M. float32 codes nothing. Messages a process sends or takes in
+  a round: a star's worker 2 and its master 2M; an allreduce worker 2 + 4 (M - 1) (its
+  parts and means both ways, the ROUND and its GRADIENT); an MPI rank none (C, no Python).
+- An MPI rank starts its ring when its gradient is done and computes nothing during it:
+  its link time is paid after its CPU time, not beside it (both in the first term).
 - hops: messages one after another on the critical path, each paying a fixed latency
   (alpha): a star 2, allreduce 3 (a part, a mean, the master's ROUND), an MPI ring
   2 (M - 1) steps.
 - beta: how much of the shorter of link and CPU time the round does not hide behind the
-  longer. 0: all of it is hidden (small rounds, which run ahead and overlap); 1: none
-  (long phases one after another, as at d = 1e6). One value for every row, chosen on a
-  grid (0, 0.1, ..., 1) for the most rows within 20%.
+  longer: 0, all of it is hidden (workers at different phases of a round); 1, none.
 
-For a given beta the constants are fitted by non-negative least squares on relative error
-(every row weighs alike, whatever its size), alternating with which of link and CPU each
-row is bound by until that stops changing; the error on each row is reported. The
-prediction then sets cores = M + 1 (one core per worker and one for the master, as on EC2)
-and the nominal rates of the netns backend's dated EC2 presets.
+The prediction then sets cores = M + 1 (one core per worker and one for the master, as on
+EC2), no dropped packets, and the nominal rates of the netns backend's dated EC2 presets.
+c_call and mu are this machine's crowded figures (9 processes on 2 cores at M = 8), so the
+predictions are pessimistic for relufit where calls and messages dominate (large M, fast
+links).
 
 Rounds to 1e-6 for the predictions: the measured (sim) rounds at the largest measured M are
 used for every larger M (more workers, a larger global batch, no more rounds: a conservative
@@ -75,8 +97,8 @@ from orchestrator.rates import PRESETS as LINKS  # noqa: E402
 from orchestrator.rates import parse_rate  # noqa: E402
 from worker import qsgd  # noqa: E402
 
-PARAMS = ("fixed_ms", "alpha_ms", "kappa", "gamma_ns", "call_us", "delta_ns", "draw_ns",
-          "mu_us")
+PARAMS = ("fixed_ms", "alpha_ms", "kappa", "enc_ns", "dec_ns", "call_us", "delta_ns",
+          "draw_ns", "mu_us", "drop_us")
 SETTING_BYTES = {"fp32": lambda d: 4 * d,
                  "s15b128fixed": lambda d: qsgd.fixed_payload_bytes(d, 15, 128)}
 PRESETS = ("c5.large-baseline", "c5n.large-baseline", "c5n.18xlarge")
@@ -85,41 +107,86 @@ BETAS = tuple(i / 10 for i in range(11))
 
 
 def features(topology: str, setting: str, m: int, d: int, batch: int, bps: float,
-             cores: float, online: bool = False, batched: bool = True) -> np.ndarray:
+             cores: float, online: bool = False, batched: bool = True,
+             drops: float = 0.0) -> np.ndarray:
     """The counts of one round (see the module doc) as three rows in PARAMS' order and
     units: what is paid either way (1 for the fixed cost, hops), the link's (seconds of
-    bytes at nominal rate, x1e3: ms) and the CPUs' (coordinates x1e-6: ns -> ms; calls and
-    messages x1e-3: us -> ms; d * batch * crowding x1e-6, and the same again for online
-    data, n = 0, whose samples are drawn every round)."""
+    bytes at nominal rate, x1e3: ms; packets dropped, x1e-3: us -> ms) and the CPUs'
+    (coordinates x1e-6: ns -> ms; calls and messages x1e-3: us -> ms; d * batch x1e-6, and
+    the same again for online data, n = 0, whose samples are drawn every round), each
+    worker's count times ``crowd`` and the master's times ``crowd_master``."""
     f = 4 * d
     p = SETTING_BYTES[setting](d)
-    crowd = max(1.0, (m + 1) / cores)  # the workers and the master (or mpirun) share them
     wmsg, mmsg = 2, 2 * m
+    # coordinates quantized and encoded (enc) or decoded and dequantized (dec), and codec
+    # calls, on a worker (w) and at the master (m)
     if topology == "mpi-allreduce":
-        hops, busy, wc, wcalls, mc, mcalls = 2 * (m - 1), 2 * (m - 1) / m * f, 0, 0, 0, 0
+        hops, busy = 2 * (m - 1), 2 * (m - 1) / m * f
+        wenc, wdec, wcalls, menc, mdec, mcalls = 0, 0, 0, 0, 0, 0
         wmsg, mmsg = 0, 0
     elif topology == "ps":  # the master's link: all M workers (node 0 is the master's)
-        hops, busy, wc, wcalls, mc, mcalls = 2, m * f, d, 1, m * d, m
+        hops, busy = 2, star_bytes(m * p, m * f, f, bps)
+        wenc, wdec, wcalls, menc, mdec, mcalls = d, 0, 1, 0, m * d, m
     elif topology == "broadcast":
-        hops, busy, wc, wcalls, mc, mcalls = 2, m * p, 2 * d, 2, (m + 1) * d, m + 1
+        hops, busy = 2, star_bytes(m * p, m * p, p, bps)
+        wenc, wdec, wcalls, menc, mdec, mcalls = d, d, 2, d, m * d, m + 1
     elif topology == "allgather":
-        hops, busy, wc, wcalls, mc, mcalls = 2, m * (m - 1) * p, m * d, m, m * d, m
+        hops, busy = 2, m * (m - 1) * p
+        wenc, wdec, wcalls, menc, mdec, mcalls = d, (m - 1) * d, m, 0, m * d, m
     elif topology == "allreduce":
         hops, busy = 3, (2 * m - 1) / m * p
-        wc, mc = d + 2 * (m - 1) / m * d + d / m, d
+        # its gradient's chunks and its mean chunk; the parts it owns and the others' means
+        wenc, wdec, menc, mdec = d + d / m, 2 * (m - 1) / m * d, 0, d
         k = min(m - 1, 3)  # chunk shapes a worker codes: one pass each
         wcalls, mcalls = ((4 + 2 * k), min(m, 3)) if batched else (3 * m - 1, m)
         wmsg = 2 + 4 * (m - 1)
     else:
         raise ValueError(topology)
     if setting == "fp32":
-        wc = wcalls = mc = mcalls = 0
+        wenc = wdec = wcalls = menc = mdec = mcalls = 0
+    crowd, crowd_master = crowding(topology, m, cores)
     work = d * batch * crowd * 1e-6
-    both = np.array([1.0, hops, 0, 0, 0, 0, 0, 0])
-    link = np.array([0, 0, 8e3 * busy / bps, 0, 0, 0, 0, 0])
-    cpu = np.array([0, 0, 0, (wc * crowd + mc) * 1e-6, (wcalls * crowd + mcalls) * 1e-3, work,
-                    work if online else 0.0, (wmsg * crowd + mmsg) * 1e-3])
+    both = np.zeros(len(PARAMS))
+    both[[0, 1]] = 1.0, hops
+    link = np.zeros(len(PARAMS))
+    link[[2, 9]] = 8e3 * busy / bps, drops * 1e-3
+    cpu = np.array([0, 0, 0, (wenc * crowd + menc * crowd_master) * 1e-6,
+                    (wdec * crowd + mdec * crowd_master) * 1e-6,
+                    (wcalls * crowd + mcalls * crowd_master) * 1e-3, work,
+                    work if online else 0.0, (wmsg * crowd + mmsg * crowd_master) * 1e-3, 0])
+    if topology == "mpi-allreduce":  # the ring starts when the gradient is done: no overlap
+        both, link = both + link, np.zeros_like(link)
     return np.array([both, link, cpu])
+
+
+def queue_bytes(bps: float) -> float:
+    """What a shaped link holds before it drops: the netns backend's tbf queue of 50 ms at
+    the rate and its bucket (``netns.tbf_args``)."""
+    return bps / 8 * 0.05 + max(32 * 1024, bps / 8 / 250)
+
+
+def star_bytes(up: float, down: float, message: float, bps: float) -> float:
+    """The bytes a star's master link carries on the round's critical path: the longer
+    direction, and of the shorter the part that cannot run beside it. The master sends its
+    M messages at once; one that fits the link's queue goes out whole, one after another,
+    so a worker served early uploads while later ones download and the directions overlap;
+    much larger ones share the link and all end together, and the uploads follow."""
+    overlap = min(1.0, queue_bytes(bps) / message)
+    return max(up, down) + (1 - overlap) * min(up, down)
+
+
+def crowding(topology: str, m: int, cores: float) -> tuple[float, float]:
+    """How many times a worker's and the master's CPU time a round waits for. With a core
+    for each worker (M <= cores) the workers run side by side and the master's part follows
+    (1, 1). With fewer, the workers' time is shared out over the cores (M / cores); a star's
+    master works while every worker waits for it, so its time counts whole (1), while an
+    ``allreduce`` master only takes in mean chunks beside the workers' work (1 / cores). An
+    MPI ring has no master."""
+    if m <= cores:
+        return 1.0, 1.0
+    if topology == "mpi-allreduce":
+        return m / cores, 0.0
+    return m / cores, 1.0 / cores if topology == "allreduce" else 1.0
 
 
 def round_ms(x: np.ndarray, feats: np.ndarray, beta: float) -> np.ndarray:
@@ -226,22 +293,42 @@ def plot(pred: list[dict], path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("rows", type=Path, nargs="+", help="benchmarks/scaling.py --json output")
+    p.add_argument("rows", type=Path, nargs="*", help="benchmarks/scaling.py --json output")
+    p.add_argument("--measure", action="store_true",
+                   help="time the per-coordinate constants alone on this machine, and stop")
     p.add_argument("--cores", type=float, default=2.0, help="CPUs of the measuring machine")
     p.add_argument("--delta-ns", type=float, default=0.77,
                    help="the gradient's cost per coordinate and sample (floor.py, alone)")
+    p.add_argument("--draw-ns", type=float, default=10.6,
+                   help="an online sample's draw per coordinate (--measure; nan: fitted)")
+    p.add_argument("--enc-ns", type=float, default=12.7,
+                   help="quantize + encode per coordinate (--measure; nan: fitted)")
+    p.add_argument("--dec-ns", type=float, default=4.6,
+                   help="decode + dequantize per coordinate (--measure; nan: fitted)")
     p.add_argument("--batch", type=int, default=128, help="per worker, at d = 1e4")
     p.add_argument("--big-batch", type=int, default=16, help="per worker, at d = 1e6")
+    p.add_argument("--check", type=Path, nargs="+", default=[],
+                   help="rows of other runs: the fitted model's error on them (not fitted)")
     p.add_argument("--exclude", help="leave out rows whose \"run\" label contains this")
     p.add_argument("--plot", type=Path)
     p.add_argument("--json", type=Path)
     args = p.parse_args()
-    rows = [r for path in args.rows for r in json.loads(path.read_text())
-            if not (args.exclude and args.exclude in r.get("run", ""))]
-    for r in rows:  # scaling.py's --big-d rows: online data, a smaller batch
+    if args.measure:
+        print(", ".join(f"{k} = {v:.3g}" for k, v in measure_alone().items()))
+        return
+    if not args.rows:
+        p.error("give the rows to fit (benchmarks/scaling.py --json files), or --measure")
+    rows, others = ([r for path in paths for r in json.loads(path.read_text())
+                     if not (args.exclude and args.exclude in r.get("run", ""))]
+                    for paths in (args.rows, args.check))
+    for r in rows + others:  # scaling.py's --big-d rows: online data, a smaller batch
         r.setdefault("batch", args.batch if r["d"] <= 10_000 else args.big_batch)
         r.setdefault("n", 1 if r["d"] <= 10_000 else 0)
-    x, beta, errs = fit_rows(rows, args.cores, {PARAMS.index("delta_ns"): args.delta_ns})
+    pinned = {PARAMS.index("delta_ns"): args.delta_ns}
+    for name in ("draw_ns", "enc_ns", "dec_ns"):
+        if getattr(args, name) == getattr(args, name):  # float("nan"): fitted
+            pinned[PARAMS.index(name)] = getattr(args, name)
+    x, beta, errs = fit_rows(rows, args.cores, pinned)
     print("fitted: " + ", ".join(f"{k} = {v:.4g}" for k, v in zip(PARAMS, x, strict=True))
           + f", beta = {beta:g}")
     print("| link | d | M | topology | setting | measured ms | model ms | error |\n"
@@ -249,9 +336,13 @@ def main() -> None:
     for e in errs:
         print(f"| {e['link']} | {e['d']:.0e} | {e['M']} | {e['topology']} | {e['setting']} | "
               f"{e['measured_ms']:.1f} | {e['model_ms']:.1f} | {100 * e['error']:+.0f}% |")
-    worst = max(abs(e["error"]) for e in errs)
-    print(f"largest error {100 * worst:.0f}% over {len(errs)} rows "
-          f"({sum(abs(e['error']) <= 0.2 for e in errs)} within 20%)")
+    print(error_line(errs, "rows"))
+    if others:
+        checked = row_errors(x, beta, checkable(rows, others), args.cores)
+        print("\nNot fitted (--check): " + ", ".join(
+            f"{e['link']} M={e['M']} {e['topology']} {e['setting']} {100 * e['error']:+.0f}%"
+            for e in checked))
+        print(error_line(checked, "rows of other runs"))
     pred = predict(x, beta, rows, args.batch)
     print()
     print("| preset | d | M | topology | setting | ms per round | rounds | time to 1e-6 s |\n"
@@ -273,6 +364,40 @@ def main() -> None:
                                          "errors": errs, "predictions": pred}, indent=1))
 
 
+def error_line(errs: list[dict], what: str) -> str:
+    worst = max((abs(e["error"]) for e in errs), default=0.0)
+    return (f"largest error {100 * worst:.0f}% over {len(errs)} {what} "
+            f"({sum(abs(e['error']) <= 0.2 for e in errs)} within 20%)")
+
+
+def measure_alone(d: int = 1_000_000, batch: int = 16, repeats: int = 15) -> dict[str, float]:
+    """Medians, ns per coordinate (per coordinate and sample for draw and gradient), of the
+    model's pinned constants, timed in this process: a QSGD s = 15, bucket 128 quantize +
+    fixed-width encode and decode + dequantize of a d-vector, an online batch's draw."""
+    import time
+
+    from worker import relu
+
+    rng = np.random.default_rng(0)
+    g, w_star, w = rng.standard_normal(d), relu.planted_weights(d, 0), np.zeros(d)
+    times: dict[str, list[float]] = {"enc_ns": [], "dec_ns": [], "draw_ns": [],
+                                     "delta_ns": []}
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        payload = qsgd.encode(qsgd.quantize(g, 15, np.random.default_rng(i), 128), "fixed")
+        t1 = time.perf_counter()
+        qsgd.dequantize(qsgd.decode(payload))
+        t2 = time.perf_counter()
+        x, y = relu.online_batch(d, 0, 0, i, batch, w_star)
+        t3 = time.perf_counter()
+        relu.gradient(w, x, y)
+        t4 = time.perf_counter()
+        for k, dt, n in (("enc_ns", t1 - t0, d), ("dec_ns", t2 - t1, d),
+                         ("draw_ns", t3 - t2, d * batch), ("delta_ns", t4 - t3, d * batch)):
+            times[k].append(dt / n * 1e9)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
 def fit_rows(rows: list[dict], cores: float, pinned: dict[int, float] | None = None,
              betas: tuple[float, ...] = BETAS) -> tuple[np.ndarray, float, list[dict]]:
     """The constants and beta (see the module doc), ``pinned`` constants (column -> value)
@@ -280,11 +405,7 @@ def fit_rows(rows: list[dict], cores: float, pinned: dict[int, float] | None = N
     taking the features of what it is bound by (link or CPU; at first, whichever has the
     more bytes a millisecond), again until no row changes sides; the beta with the most rows
     within 20% (then the smallest largest error) wins."""
-    usable = [r for r in rows if r["setting"] in SETTING_BYTES and r["round_ms"] > 0]
-    f = np.array([features(r["topology"], r["setting"], r["M"], r["d"], r["batch"],
-                           rate_of(r["link"]), cores, r.get("n", 1) == 0,
-                           r.get("codec") == "batched") for r in usable])
-    t = np.array([r["round_ms"] for r in usable])
+    usable, f, t = row_features(rows, cores)
     pinned = pinned or {}
     free = [j for j in range(len(PARAMS)) if j not in pinned]
     best: tuple | None = None
@@ -306,11 +427,36 @@ def fit_rows(rows: list[dict], cores: float, pinned: dict[int, float] | None = N
         score = (int(np.sum(np.abs(err) <= 0.2)), -float(np.max(np.abs(err))))
         if best is None or score > best[0]:
             best = (score, x, beta, err)
-    _, x, beta, err = best
-    errs = [{**{k: r[k] for k in ("link", "d", "M", "topology", "setting")},
+    _, x, beta, _ = best
+    return x, beta, row_errors(x, beta, usable, cores)
+
+
+def row_features(rows: list[dict], cores: float) -> tuple[list[dict], np.ndarray, np.ndarray]:
+    """The rows the model covers, their ``features`` and their measured rounds (ms)."""
+    usable = [r for r in rows if r["setting"] in SETTING_BYTES and r["round_ms"] > 0]
+    f = np.array([features(r["topology"], r["setting"], r["M"], r["d"], r["batch"],
+                           rate_of(r["link"]), cores, r.get("n", 1) == 0,
+                           r.get("codec") == "batched", r.get("drops", 0.0))
+                  for r in usable]).reshape(len(usable), 3, len(PARAMS))
+    return usable, f, np.array([r["round_ms"] for r in usable])
+
+
+def row_errors(x: np.ndarray, beta: float, rows: list[dict], cores: float) -> list[dict]:
+    """The model's round against each measured one (error = model / measured - 1)."""
+    usable, f, t = row_features(rows, cores)
+    err = round_ms(x, f, beta) / t - 1 if usable else []
+    return [{**{k: r[k] for k in ("link", "d", "M", "topology", "setting")},
              "measured_ms": float(ti), "model_ms": float(ti * (1 + e)), "error": float(e)}
             for r, ti, e in zip(usable, t, err, strict=True)]
-    return x, beta, errs
+
+
+def checkable(fitted: list[dict], other: list[dict]) -> list[dict]:
+    """Rows of other runs the fitted model can be checked on: those with their packet drops
+    counted, and those without whose row in the fitted runs dropped none (the same link, d,
+    M, topology and setting)."""
+    key = ("link", "d", "M", "topology", "setting")
+    dropped = {tuple(r[k] for k in key) for r in fitted if r.get("drops", 0) > 0}
+    return [r for r in other if "drops" in r or tuple(r[k] for k in key) not in dropped]
 
 
 if __name__ == "__main__":
