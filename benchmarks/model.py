@@ -11,7 +11,7 @@ paid either way, each a known count times a constant:
 
     round = fixed + alpha * hops + max(link, cpu) + beta * min(link, cpu)
     link  = kappa * bytes on the critical path of the busiest link / rate
-            + lambda * packets the links dropped
+            + resend * packets the links dropped * 1514 bytes / rate
     cpu   = crowd * worker's + crowd_master * master's
               (delta * d * batch [+ draw * d * batch, online data] + enc * coordinates
                quantized and encoded + dec * coordinates decoded and dequantized
@@ -25,7 +25,7 @@ paid either way, each a known count times a constant:
   per-call cost is nothing. Fitted, the noisy rows traded them against each other (an
   encode that cost nothing, a decode at 53 ns); measured, they are what one core spends,
   which is what the prediction below assumes.
-- Fitted: fixed, alpha, kappa, c_call, mu, lambda, by non-negative least squares on
+- Fitted: fixed, alpha, kappa, c_call, mu, resend, by non-negative least squares on
   relative error (every row weighs alike, whatever its size), alternating with which of
   link and CPU each row is bound by until that stops changing; beta on a grid (0, 0.1,
   ..., 1), the one with the most rows within 20%. The error on each row is reported.
@@ -41,10 +41,11 @@ paid either way, each a known count times a constant:
   its bucket (``star_bytes``). allgather M (M - 1) P out of the master; allreduce
   (2M - 1)/M P out of a worker (its parts to M - 1 owners, then its mean chunk to M - 1
   peers and the master); MPI ring 2 (M - 1)/M F.
-- lambda: what a packet the link's queue dropped costs (TCP resends it and backs off).
-  The count is measured per row (benchmarks/scaling.py reads every host's tbf queues), and
-  is 0 in the predictions: `allreduce` sends 1/M of the vector to each peer, never M
-  copies at once, and dropped nothing at d = 1e4.
+- resend: what a packet the link's queue dropped costs, in full frames at the link's rate
+  (TCP sends it again; 1 if that were all, more for its back-off). The count is measured
+  per row (benchmarks/scaling.py reads every host's tbf queues), and is 0 in the
+  predictions: `allreduce` sends 1/M of the vector to each peer, never M copies at once,
+  and dropped nothing at d = 1e4.
 - cpu: the workers' counts are stretched by crowd and the master's by crowd_master
   (``crowding``): with a core for each worker (M <= cores) 1 and 1; with fewer, the
   workers' time is shared out over the cores (M / cores), a star's master works while
@@ -62,7 +63,15 @@ paid either way, each a known count times a constant:
   a round: a star's worker 2 and its master 2M; an allreduce worker 2 + 4 (M - 1) (its
   parts and means both ways, the ROUND and its GRADIENT); an MPI rank none (C, no Python).
 - An MPI rank starts its ring when its gradient is done and computes nothing during it:
-  its link time is paid after its CPU time, not beside it (both in the first term).
+  its link time is paid after its CPU time, not beside it (both in the first term). A
+  ring step longer than Open MPI's TCP eager limit (64 kB) goes by rendezvous, in 128 kB
+  fragments each pushed from the rank's own progress loop, so it moves only while its
+  ranks run: with more ranks than cores its link time stretches by crowd (M / cores).
+  Measured at d = 1e6 (1 MB steps), M = 4, 100 Mbit/s on 2 cores: the ring took 880-915
+  ms against 480 ms of bytes, with the bytes on the wire equal to the ring's (298 MB
+  against 288 MB in 12 rounds, headers included); with ranks that test the ring every
+  0.2 ms instead of spinning in it, 1596 ms. At d = 1e4 (10 kB steps) the kernel carries
+  a step without the rank and the rows sit at their byte time.
 - hops: messages one after another on the critical path, each paying a fixed latency
   (alpha): a star 2, allreduce 3 (a part, a mean, the master's ROUND), an MPI ring
   2 (M - 1) steps.
@@ -98,12 +107,17 @@ from orchestrator.rates import parse_rate  # noqa: E402
 from worker import qsgd  # noqa: E402
 
 PARAMS = ("fixed_ms", "alpha_ms", "kappa", "enc_ns", "dec_ns", "call_us", "delta_ns",
-          "draw_ns", "mu_us", "drop_us")
+          "draw_ns", "mu_us", "resend")
 SETTING_BYTES = {"fp32": lambda d: 4 * d,
                  "s15b128fixed": lambda d: qsgd.fixed_payload_bytes(d, 15, 128)}
 PRESETS = ("c5.large-baseline", "c5n.large-baseline", "c5n.18xlarge")
 TOPOLOGIES = ("broadcast", "allreduce", "mpi-allreduce")
 BETAS = tuple(i / 10 for i in range(11))
+# Open MPI's TCP eager limit (``ompi_info --param btl tcp --level 9``: btl_tcp_eager_limit):
+# a longer message goes by rendezvous, in fragments of 128 kB each sent from the rank's own
+# progress loop
+MPI_EAGER = 65_536
+PACKET = 1514  # bytes of a full Ethernet frame: what a dropped packet costs to send again
 
 
 def features(topology: str, setting: str, m: int, d: int, batch: int, bps: float,
@@ -111,7 +125,7 @@ def features(topology: str, setting: str, m: int, d: int, batch: int, bps: float
              drops: float = 0.0) -> np.ndarray:
     """The counts of one round (see the module doc) as three rows in PARAMS' order and
     units: what is paid either way (1 for the fixed cost, hops), the link's (seconds of
-    bytes at nominal rate, x1e3: ms; packets dropped, x1e-3: us -> ms) and the CPUs'
+    bytes at nominal rate, x1e3: ms; likewise a full frame per packet dropped) and the CPUs'
     (coordinates x1e-6: ns -> ms; calls and messages x1e-3: us -> ms; d * batch x1e-6, and
     the same again for online data, n = 0, whose samples are drawn every round), each
     worker's count times ``crowd`` and the master's times ``crowd_master``."""
@@ -149,12 +163,14 @@ def features(topology: str, setting: str, m: int, d: int, batch: int, bps: float
     both = np.zeros(len(PARAMS))
     both[[0, 1]] = 1.0, hops
     link = np.zeros(len(PARAMS))
-    link[[2, 9]] = 8e3 * busy / bps, drops * 1e-3
+    link[[2, 9]] = 8e3 * busy / bps, 8e3 * drops * PACKET / bps
     cpu = np.array([0, 0, 0, (wenc * crowd + menc * crowd_master) * 1e-6,
                     (wdec * crowd + mdec * crowd_master) * 1e-6,
                     (wcalls * crowd + mcalls * crowd_master) * 1e-3, work,
                     work if online else 0.0, (wmsg * crowd + mmsg * crowd_master) * 1e-3, 0])
     if topology == "mpi-allreduce":  # the ring starts when the gradient is done: no overlap
+        if f / m > MPI_EAGER:  # long steps move only while their ranks run (module doc)
+            link = link * crowd
         both, link = both + link, np.zeros_like(link)
     return np.array([both, link, cpu])
 
@@ -233,7 +249,7 @@ def predict(x: np.ndarray, beta: float, rows: list[dict], batch: int) -> list[di
             PRESETS, (10_000, 1_000_000), TOPOLOGIES, ("fp32", "s15b128fixed")):
         if topo == "mpi-allreduce" and setting != "fp32":
             continue
-        for m in (2, 4, 8, 16, 32, 64, 128, 256):
+        for m in MS:
             ms = float(round_ms(x, features(topo, setting, m, d, batch,
                                             LINKS[preset].bits_per_s, m + 1), beta))
             # (held data, as at d = 1e4; one core per worker and one for the master)
@@ -244,20 +260,28 @@ def predict(x: np.ndarray, beta: float, rows: list[dict], batch: int) -> list[di
     return out
 
 
+MS = (2, 4, 8, 16, 32, 64, 128, 256)
+
+
 def verdicts(pred: list[dict]) -> list[str]:
-    lines = []
+    """A markdown table: per preset and d, MPI float32's time to 1e-6 (its round, when the
+    rows give no rounds) over `allreduce` QSGD's at each M (above 1: `allreduce` is
+    ahead), and where it is ahead."""
+    key = "t_target_s" if all(p["t_target_s"] for p in pred) else "round_ms"
+    what = "time to 1e-6" if key == "t_target_s" else "time per round"
+    lines = [f"MPI float32's {what} over allreduce s15b128fixed's:", "",
+             "| preset | d | " + " | ".join(f"M = {m}" for m in MS) + " | ahead at |",
+             "|---" * (len(MS) + 3) + "|"]
     for preset, d in itertools.product(PRESETS, (10_000, 1_000_000)):
         def at(topo: str, setting: str, m: int, preset: str = preset, d: int = d) -> dict:
             return next(p for p in pred if (p["preset"], p["d"], p["topology"], p["setting"],
                                             p["M"]) == (preset, d, topo, setting, m))
-        ratios = [(m, at("mpi-allreduce", "fp32", m)["round_ms"]
-                   / at("allreduce", "s15b128fixed", m)["round_ms"])
-                  for m in (2, 4, 8, 16, 32, 64, 128, 256)]
-        wins = [m for m, r in ratios if r > 1]
-        desc = ", ".join(f"M={m}: {r:.2f}x" for m, r in ratios)
-        where = (f"wins at M in {wins[0]}..{wins[-1]}" if wins else "never wins")
-        lines.append(f"{preset}, d = {d:.0e}: allreduce s15b128fixed vs MPI float32 per round "
-                     f"{where} ({desc})")
+        ratios = [at("mpi-allreduce", "fp32", m)[key] / at("allreduce", "s15b128fixed", m)[key]
+                  for m in MS]
+        wins = [m for m, r in zip(MS, ratios, strict=True) if r > 1]
+        where = f"M = {wins[0]}-{wins[-1]}" if wins else "nowhere"
+        lines.append(f"| {preset} | {d:.0e} | " + " | ".join(f"{r:.2f}x" for r in ratios)
+                     + f" | {where} |")
     return lines
 
 

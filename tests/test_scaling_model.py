@@ -91,7 +91,7 @@ def modelled_rows(truth: np.ndarray, beta: float, link: str) -> list[dict]:
     return rows
 
 
-TRUTH = np.array([1.0, 0.3, 1.2, 5.0, 3.0, 40.0, 2.0, 0.0, 30.0, 400.0])  # PARAMS' order
+TRUTH = np.array([1.0, 0.3, 1.2, 5.0, 3.0, 40.0, 2.0, 0.0, 30.0, 1.5])  # PARAMS' order
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
@@ -126,15 +126,30 @@ def test_crowding_shares_the_workers_and_the_allreduce_master_but_not_a_stars():
 
 
 def test_drops_cost_link_time_and_an_mpi_ring_follows_its_compute():
-    drop = model.PARAMS.index("drop_us")
+    drop = model.PARAMS.index("resend")
     f = model.features("broadcast", "fp32", 4, 10_000, 128, 10e6, 2, drops=30.0)
-    assert f[1][drop] == pytest.approx(0.03) and f[0][drop] == f[2][drop] == 0
+    # 30 full frames again at 10 Mbit/s, in ms
+    assert f[1][drop] == pytest.approx(30 * 1514 * 8 / 10e6 * 1e3)
+    assert f[0][drop] == f[2][drop] == 0
     mpi = model.features("mpi-allreduce", "fp32", 4, 10_000, 128, 10e6, 2, drops=5.0)
     assert mpi[1].tolist() == [0.0] * len(model.PARAMS)  # nothing beside the CPU
     assert mpi[0][model.PARAMS.index("kappa")] == pytest.approx(8e3 * 1.5 * 40_000 / 10e6)
     x = np.ones(len(model.PARAMS))
     both, cpu = float(mpi[0] @ x), float(mpi[2] @ x)
     assert model.round_ms(x, mpi, 0.0) == pytest.approx(both + cpu)  # paid one after another
+
+
+def test_an_mpi_ring_of_long_steps_moves_only_while_its_ranks_run():
+    kappa = model.PARAMS.index("kappa")
+
+    def ring(m: int, d: int, cores: float) -> float:
+        return model.features("mpi-allreduce", "fp32", m, d, 16, 100e6, cores)[0][kappa]
+
+    bytes_ms = 8e3 * 2 * 3 / 4 * 4e6 / 100e6
+    assert ring(4, 1_000_000, 2) == pytest.approx(2 * bytes_ms)  # 1 MB steps, 2 ranks a core
+    assert ring(4, 1_000_000, 5) == pytest.approx(bytes_ms)  # a core each
+    assert ring(4, 10_000, 2) == pytest.approx(bytes_ms / 100)  # 10 kB steps: the kernel's
+    assert 4 * 10_000 / 4 < model.MPI_EAGER < 4 * 1_000_000 / 4
 
 
 def test_other_runs_are_checked_only_where_their_drops_are_known_or_none():
@@ -183,7 +198,7 @@ def test_rounds_are_held_beyond_the_largest_measured_m_and_scaled_with_d():
 
 def test_the_command_fits_several_files_and_leaves_out_the_excluded_runs(tmp_path, monkeypatch,
                                                                            capsys):
-    truth = np.array([0.5, 0.2, 1.0, 12.7, 4.6, 30.0, 0.77, 0.0, 20.0, 300.0])
+    truth = np.array([0.5, 0.2, 1.0, 12.7, 4.6, 30.0, 0.77, 0.0, 20.0, 1.2])
     files = []
     for link in ("10mbit", "100mbit"):
         rows = [{**r, "run": "after"} for r in modelled_rows(truth, 0.0, link)]
@@ -199,5 +214,10 @@ def test_the_command_fits_several_files_and_leaves_out_the_excluded_runs(tmp_pat
     out = capsys.readouterr().out
     assert "largest error 0% over 30 rows (30 within 20%)" in out
     assert "largest error 0% over 15 rows of other runs (15 within 20%)" in out
+    table = [line for line in out.splitlines() if line.startswith("| c5")
+             and line.count("|") == len(model.MS) + 4]  # preset, d, each M, where
+    assert len(table) == 2 * len(model.PRESETS)
+    assert all(line.rstrip(" |").split("| ")[-1] == "nowhere" or "M = " in line
+               for line in table)
     saved = json.loads((tmp_path / "out.json").read_text())
     assert saved["params"]["beta"] == 0.0 and len(saved["errors"]) == 30
