@@ -395,7 +395,7 @@ def test_a_peer_without_the_runs_keys_cannot_inject(tmp_path):
             s.connect(endpoint)
             intruders.append(s)
         frames = lambda tag: protocol.build(  # noqa: E731
-            protocol.PART, [tag], pad=protocol.PEER_HEADER, trial=0, round=0, epoch=0, rank=1)
+            protocol.PART, [tag], trial=0, round=0, epoch=0, rank=1)
         for s in intruders:
             s.send_multipart(frames(b"evil"), flags=zmq.NOBLOCK)
         assert sender.send(0, frames(b"good")) > 0

@@ -1,6 +1,7 @@
 """worker.protocol: pure frame building/parsing and heartbeat liveness (no sockets)."""
 
 import json
+import struct
 
 import pytest
 
@@ -34,7 +35,8 @@ def test_every_message_type_round_trips():
         (p.ERROR, [], {"message": "no"}),
     ]
     for type_, payloads, fields in cases:
-        msg = roundtrip(p.build(type_, payloads, **fields))
+        frames = [bytes(f) for f in p.build(type_, payloads, **fields)]
+        msg = p.parse_peer(frames) if type_ in p.PEER_TYPES else p.parse(frames)
         assert msg.type == type_ and msg.payloads == payloads
         assert {k: msg.header[k] for k in fields} == fields
 
@@ -53,11 +55,14 @@ def test_padded_headers_have_a_fixed_size_and_still_parse():
     r1 = p.build(p.ROUND, [b"x"], pad=p.ROUND_HEADER, trial=9999, round=9_999_999)
     assert len(r0[0]) == len(r1[0]) == p.ROUND_HEADER
     assert roundtrip(r1).header["round"] == 9_999_999
-    c = p.build(p.PART, [b"x"], pad=p.PEER_HEADER, trial=0, round=0, epoch=0, rank=0)
-    d = p.build(p.MEAN, [b"x"], pad=p.PEER_HEADER, trial=123456, round=98765432, epoch=99,
-                rank=4095)
-    assert len(c[0]) == len(d[0]) == p.PEER_HEADER
-    assert roundtrip(d).header["rank"] == 4095
+    c = p.build(p.PART, [b"x"], trial=0, round=0, epoch=0, rank=0)
+    d = p.build(p.MEAN, [b"x"], trial=123456, round=98765432, epoch=99, rank=4095)
+    assert len(c[0]) == len(d[0]) == p.PEER_HEADER == 20
+    got = p.parse_peer(d)
+    assert (got.type, got.header_bytes, got.payloads) == (p.MEAN, p.PEER_HEADER, [b"x"])
+    assert [got.get(k) for k in ("trial", "round", "epoch", "rank")] == [
+        123456, 98765432, 99, 4095]
+    assert p.parse_peer(c).type == p.PART
 
 
 def hdr(**h):
@@ -115,10 +120,7 @@ MALFORMED = [
     [hdr(v=p.VERSION, type="ROUND", trial=0, round=1, epoch=[1])],
     [hdr(v=p.VERSION, type="GRADIENT", trial=0, round=0, us=[0, 0, 0], bytes_peer=0,
          epoch="0"), b"x"],
-    [hdr(v=p.VERSION, type="PART", trial=0, round=1, epoch=0, rank=0)],  # no payload
-    [hdr(v=p.VERSION, type="PART", trial=0, round=1, epoch=0), b"x"],  # no rank
-    [hdr(v=p.VERSION, type="MEAN", trial=0, round=1, epoch=-1, rank=0), b"x"],
-    [hdr(v=p.VERSION, type="MEAN", trial=0, round=1, epoch=0, rank=1), b"x", b"y"],
+    [hdr(v=p.VERSION, type="PART", trial=0, round=1, epoch=0, rank=0), b"x"],  # JSON: no more
     [hdr(v=1, type="ERROR", message=5)],
     [hdr(v=1, type="READY", trial=2**70)],
     [b"[" * 100000],  # deep nesting, and longer than the header cap
@@ -131,6 +133,57 @@ MALFORMED = [
 def test_malformed_input_raises_protocol_error(frames):
     with pytest.raises(ProtocolError):
         p.parse(frames)
+
+
+def peer_header(magic=b"rP", v=None, code=1, values=(0, 1, 0, 2)):
+    return struct.pack("<2sBBIIII", magic, p.VERSION if v is None else v, code, *values)
+
+
+MALFORMED_PEER = [
+    [],
+    [peer_header()],  # no payload
+    [peer_header(), b"x", b"y"],  # two
+    [peer_header()[:-1], b"x"],  # short
+    [peer_header() + b"\0", b"x"],  # long
+    [peer_header(magic=b"rp"), b"x"],
+    [peer_header(code=0), b"x"],
+    [peer_header(code=3), b"x"],
+    [hdr(v=p.VERSION, type="PART", trial=0, round=1, epoch=0, rank=0), b"x"],  # JSON
+    [b"", b"x"],
+]
+
+
+@pytest.mark.parametrize("frames", MALFORMED_PEER, ids=range(len(MALFORMED_PEER)))
+def test_malformed_peer_messages_raise_protocol_error(frames):
+    with pytest.raises(ProtocolError):
+        p.parse_peer(frames)
+
+
+def test_a_peer_header_of_another_version_or_out_of_range_fields_is_refused():
+    with pytest.raises(p.VersionMismatch):
+        p.parse_peer([peer_header(v=p.VERSION - 1), b"x"])
+    with pytest.raises(ProtocolError, match="exceeds"):
+        p.parse_peer([peer_header(), b"x" * 11], max_payload=10)
+    for bad in ({"rank": -1}, {"round": 2**32}, {"epoch": 0.5}, {}):
+        fields = {"trial": 0, "round": 1, "epoch": 0, "rank": 1, **bad}
+        if not bad:
+            del fields["rank"]
+        with pytest.raises(ValueError):
+            p.build(p.PART, [b"x"], **fields)
+
+
+def test_random_bytes_never_escape_a_peer_parse_as_another_exception():
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    for _ in range(2000):
+        head = rng.bytes(int(rng.integers(0, 24)))
+        if rng.random() < 0.5:  # a valid magic and version get further into the checks
+            head = peer_header()[:4] + head
+        try:
+            p.parse_peer([head, rng.bytes(4)])
+        except ProtocolError:
+            pass
 
 
 def test_oversized_payload_is_refused():

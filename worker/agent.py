@@ -630,8 +630,8 @@ class Agent:
     def _to_peer(self, rank: int, type_: str, payload: bytes) -> int:
         ar = self.ar
         return self.peers.send(rank, protocol.build(
-            type_, [payload], pad=protocol.PEER_HEADER, trial=self.spec.trial, round=ar.round,
-            epoch=ar.epoch, rank=self.rank))
+            type_, [payload], trial=self.spec.trial, round=ar.round, epoch=ar.epoch,
+            rank=self.rank))
 
     def _report(self, mean: bytes) -> None:
         """Our GRADIENT to the master: our mean chunk and the round's figures."""

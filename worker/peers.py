@@ -153,9 +153,7 @@ class Peers:
         while self.router.poll(0):
             frames = self.router.recv_multipart(copy=False)
             try:
-                msg = protocol.parse(frames[1:], self.max_frame)
-                if msg.type not in protocol.PEER_TYPES:
-                    raise protocol.ProtocolError(f"{msg.type} on a peer connection")
+                msg = protocol.parse_peer(frames[1:], self.max_frame)
                 sender = msg.get("rank")
                 if not frames[0].bytes.startswith(f"p{sender}-".encode()):
                     raise protocol.ProtocolError(f"{msg.type} claims rank {sender} on the "

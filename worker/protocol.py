@@ -35,7 +35,11 @@ Conversation (master M, agent A):
     M -> A  STOP       {}                            the run is over: exit 0
     both    ERROR      {message}                     the peer gives up (e.g. version mismatch)
 
-Between agents (allreduce; each agent's peer ROUTER, the others' DEALERs):
+Between agents (allreduce; each agent's peer ROUTER, the others' DEALERs), with a binary
+header of PEER_HEADER bytes instead of JSON (``build``, ``parse_peer``): b"rP", the protocol
+version and the type's code (1 byte each), then trial, round, epoch and rank as unsigned
+32-bit little-endian integers. An agent sends and takes 2 (M - 1) of them a round each way;
+JSON cost ~12 us a message to build and parse and 96 bytes on the wire, this ~1 us and 20.
 
     A -> A  PART       {trial, round, epoch, rank}   [sender's part of the receiver's chunk]
     A -> A  MEAN       {trial, round, epoch, rank}   [the sender's mean chunk]
@@ -45,13 +49,14 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-VERSION = 5  # 2: heartbeats on a connection of their own; 3: allreduce (PART, MEAN);
+VERSION = 6  # 2: heartbeats on a connection of their own; 3: allreduce (PART, MEAN);
 # 4: checkpoints (SAVE, STATE, TRIAL resume); 5: GRADIENT's durations as one list of
 # microseconds and tighter padding (the master's link carries 180 header bytes a worker a
-# round, not 248)
+# round, not 248); 6: PART and MEAN headers binary, 20 bytes (were 96 of JSON)
 
 HELLO = "HELLO"
 WELCOME = "WELCOME"
@@ -81,7 +86,10 @@ MAX_MESSAGE = 400  # characters of an ERROR message kept
 # round's framing overhead is a constant: bytes_up = payloads + M * GRADIENT_HEADER.
 GRADIENT_HEADER = 124  # fits trial 999, round 999999, epoch 99, times < 100 s, 1e11 bytes
 ROUND_HEADER = 56  # fits trial 9999, round 9999999
-PEER_HEADER = 96  # PART and MEAN, likewise: bytes_peer = payloads + PEER_HEADER per message
+# PART and MEAN: the binary header (module doc); bytes_peer = payloads + PEER_HEADER each
+_PEER = struct.Struct("<2sBBIIII")
+PEER_MAGIC = b"rP"
+PEER_HEADER = _PEER.size
 
 _INT, _NUM, _STR, _US = "int", "num", "str", "us"
 # The fields each type must carry (beyond v and type), and their kinds.
@@ -92,8 +100,6 @@ SCHEMA: dict[str, dict[str, str]] = {
     READY: {"trial": _INT},
     ROUND: {"trial": _INT, "round": _INT},
     GRADIENT: {"trial": _INT, "round": _INT, "us": _US, "bytes_peer": _INT},
-    PART: {"trial": _INT, "round": _INT, "epoch": _INT, "rank": _INT},
-    MEAN: {"trial": _INT, "round": _INT, "epoch": _INT, "rank": _INT},
     SAVE: {"trial": _INT, "round": _INT},
     STATE: {"trial": _INT, "round": _INT},
     HEARTBEAT: {},
@@ -101,9 +107,10 @@ SCHEMA: dict[str, dict[str, str]] = {
     ERROR: {"message": _STR},
 }
 PAYLOADS = {  # how many payload frames each type may carry: (min, max)
-    ROUND: (0, MAX_RANKS), GRADIENT: (1, 1), PART: (1, 1), MEAN: (1, 1), TRIAL: (0, 2),
+    ROUND: (0, MAX_RANKS), GRADIENT: (1, 1), TRIAL: (0, 2),
 }
-PEER_TYPES = (PART, MEAN)
+PEER_TYPES = (PART, MEAN)  # their codes in the binary header: 1, 2
+_PEER_FIELDS = ("trial", "round", "epoch", "rank")
 MAX_ENDPOINT = 300  # characters of a peer endpoint (tcp://HOST:PORT)
 # Types readable whatever the sender's version, so a mismatch can be reported clearly.
 ANY_VERSION = (HELLO, ERROR)
@@ -131,7 +138,16 @@ class Message:
 
 
 def build(type_: str, payloads: tuple | list = (), pad: int = 0, **fields: Any) -> list[Any]:
-    """Frames of one message: the JSON header, then the payloads untouched (zero-copy)."""
+    """Frames of one message: the header (JSON; binary for PART and MEAN, whose ``pad`` is
+    moot), then the payloads untouched (zero-copy)."""
+    if type_ in PEER_TYPES:
+        try:
+            header = _PEER.pack(PEER_MAGIC, VERSION, PEER_TYPES.index(type_) + 1,
+                                *(fields[k] for k in _PEER_FIELDS))
+        except (KeyError, struct.error) as e:
+            raise ValueError(f"{type_} needs {', '.join(_PEER_FIELDS)} as integers in "
+                             f"0..2**32-1: {e}") from None
+        return [header, *payloads]
     if type_ not in SCHEMA:
         raise ValueError(f"unknown message type {type_!r}")
     header = json.dumps({"v": VERSION, "type": type_, **fields}, separators=(",", ":"),
@@ -174,6 +190,28 @@ def parse(frames: list[Any], max_payload: int | None = None) -> Message:
                 raise ProtocolError(f"payload of {_length(p)} bytes exceeds {max_payload}")
     _check_extras(type_, header, len(payloads))
     return Message(type_, header, list(payloads), _length(frames[0]))
+
+
+def parse_peer(frames: list[Any], max_payload: int | None = None) -> Message:
+    """Validate a PART or MEAN (its binary header and one payload); raises ProtocolError
+    (VersionMismatch on another version)."""
+    if len(frames) != 2:
+        raise ProtocolError(f"a peer message has a header and one payload, got "
+                            f"{len(frames)} frames")
+    raw = _bytes(frames[0])
+    if len(raw) != PEER_HEADER or raw[:2] != PEER_MAGIC:
+        raise ProtocolError(f"not a peer header ({len(raw)} bytes, starting {raw[:2]!r})")
+    _, v, code, *values = _PEER.unpack(raw)
+    if v != VERSION:
+        raise VersionMismatch(v)
+    if not 1 <= code <= len(PEER_TYPES):
+        raise ProtocolError(f"unknown peer message type code {code}")
+    if max_payload is not None and _length(frames[1]) > max_payload:
+        raise ProtocolError(f"payload of {_length(frames[1])} bytes exceeds {max_payload}")
+    type_ = PEER_TYPES[code - 1]
+    return Message(type_, {"v": v, "type": type_, **dict(zip(_PEER_FIELDS, values,
+                                                             strict=True))},
+                   [frames[1]], PEER_HEADER)
 
 
 def check_version(msg: Message) -> None:
@@ -221,7 +259,7 @@ def _check_extras(type_: str, header: dict[str, Any], n_payloads: int) -> None:
     elif type_ == GRADIENT:
         if header["bytes_peer"] < 0:
             raise ProtocolError("GRADIENT bytes_peer must be >= 0")
-    if type_ in (TRIAL, READY, ROUND, GRADIENT, PART, MEAN, SAVE, STATE):
+    if type_ in (TRIAL, READY, ROUND, GRADIENT, SAVE, STATE):
         for key in ("trial", "round", "epoch", "rank"):  # some are optional: check the type
             if key in header and not (_is_int(header[key]) and header[key] >= 0):
                 raise ProtocolError(f"{type_} {key} must be an integer >= 0")
