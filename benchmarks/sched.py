@@ -63,13 +63,15 @@ def overrides(args: argparse.Namespace) -> list[str]:
     return [a for s in sets for a in ("--set", s)]
 
 
-def one_run(exp: Path, out: Path, sched: str, args: argparse.Namespace) -> tuple[float, float]:
-    """(median round s, CPU s per round) of one run with the agents' policy ``sched``."""
-    env = dict(os.environ, **{SCHED_ENV: sched})
+def one_run(exp: Path, out: Path, env: dict[str, str], args: argparse.Namespace,
+            cwd: Path | None = None) -> tuple[float, float]:
+    """(median round s, CPU s per round) of one run with ``env`` added to the environment,
+    from the code in ``cwd`` (default: this tree's)."""
     before = set(out.iterdir())
     with open(out.parent / "relufit.log", "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", str(exp),
-                                 "--out", str(out), *overrides(args)], env=env,
+                                 "--out", str(out), *overrides(args)],
+                                env=dict(os.environ, **env), cwd=cwd,
                                 stdout=subprocess.DEVNULL, stderr=log)
     try:
         time.sleep(args.settle)  # shards built, rounds under way
@@ -94,8 +96,8 @@ def one_run(exp: Path, out: Path, sched: str, args: argparse.Namespace) -> tuple
     return per_round, (c1 - c0) / ((t1 - t0) / per_round)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """The options of the local run that sched.py and versus.py repeat."""
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--topology", default="allreduce")
     p.add_argument("--d", type=int, default=10_000)
@@ -104,30 +106,46 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=6)
     p.add_argument("--window", type=float, default=10.0, help="s of CPU sampling a run")
     p.add_argument("--settle", type=float, default=14.0, help="s before sampling")
-    args = p.parse_args()
-    got: dict[str, list[tuple[float, float]]] = {"normal": [], "batch": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        exp = Path(tmp) / "sched.toml"
-        # no target: a run goes on until it is stopped
-        exp.write_text(experiment(args.d, args.n, 128, args.lr, 1_000_000, 0, args.workers))
-        out = Path(tmp) / "results"
-        out.mkdir()
-        for i in range(args.pairs):
-            for sched in got:
-                got[sched].append(one_run(exp, out, sched, args))
-                r, c = got[sched][-1]
-                print(f"pair {i + 1} {sched:6s}: round {1e3 * r:.2f} ms, CPU {1e3 * c:.2f} ms "
-                      "a round", flush=True)
+
+
+def run_file(args: argparse.Namespace, tmp: Path) -> tuple[Path, Path]:
+    """The experiment (no target: a run goes on until it is stopped) and the results dir."""
+    exp = tmp / "run.toml"
+    exp.write_text(experiment(args.d, args.n, 128, args.lr, 1_000_000, 0, args.workers))
+    out = tmp / "results"
+    out.mkdir()
+    return exp, out
+
+
+def report(got: dict[str, list[tuple[float, float]]], args: argparse.Namespace, what: str,
+           new: str, base: str) -> None:
+    """Medians of each side's runs, and ``new`` over ``base``, overall and pair by pair."""
     med = {k: np.median(np.array(v), axis=0) for k, v in got.items()}
     print(f"\nM = {args.workers}, {args.topology}, d = {args.d}, {os.cpu_count()} CPUs; medians "
           f"of {args.pairs} runs each")
-    print("| agents' policy | round ms | CPU ms a round (all threads) |\n|---|---|---|")
+    print(f"| {what} | round ms | CPU ms a round (all threads) |\n|---|---|---|")
     for k, (r, c) in med.items():
         print(f"| {k} | {1e3 * r:.2f} | {1e3 * c:.2f} |")
-    ratios = [b[0] / n[0] for n, b in zip(got["normal"], got["batch"], strict=True)]
-    print(f"batch / normal: round {med['batch'][0] / med['normal'][0]:.2f}x, CPU "
-          f"{med['batch'][1] / med['normal'][1]:.2f}x; pair by pair (round) "
+    ratios = [b[0] / a[0] for a, b in zip(got[base], got[new], strict=True)]
+    print(f"{new} / {base}: round {med[new][0] / med[base][0]:.2f}x, CPU "
+          f"{med[new][1] / med[base][1]:.2f}x; pair by pair (round) "
           + ", ".join(f"{x:.2f}" for x in ratios))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_run_options(p)
+    args = p.parse_args()
+    got: dict[str, list[tuple[float, float]]] = {"normal": [], "batch": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        exp, out = run_file(args, Path(tmp))
+        for i in range(args.pairs):
+            for sched in got:
+                got[sched].append(one_run(exp, out, {SCHED_ENV: sched}, args))
+                r, c = got[sched][-1]
+                print(f"pair {i + 1} {sched:6s}: round {1e3 * r:.2f} ms, CPU {1e3 * c:.2f} ms "
+                      "a round", flush=True)
+    report(got, args, "agents' policy", "batch", "normal")
 
 
 if __name__ == "__main__":
