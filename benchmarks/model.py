@@ -20,8 +20,8 @@ paid either way, each a known count times a constant:
 - Measured alone, not fitted (the defaults; ``--measure`` times them on this machine):
   delta, the gradient per coordinate and sample (0.77 ns: benchmarks/floor.py's one worker
   alone, 0.99 ms at d = 1e4, batch 128); draw, an online sample's Gaussian draw per
-  coordinate (10.9 ns); enc, QSGD s = 15, bucket 128 quantize + fixed-width encode per
-  coordinate (11.4 ns), and dec, decode + dequantize (2.7 ns), both at d = 1e6 where the
+  coordinate (10.6 ns); enc, QSGD s = 15, bucket 128 quantize + fixed-width encode per
+  coordinate (12.7 ns), and dec, decode + dequantize (4.6 ns), both at d = 1e6 where the
   per-call cost is nothing. Fitted, the noisy rows traded them against each other (an
   encode that cost nothing, a decode at 53 ns); measured, they are what one core spends,
   which is what the prediction below assumes.
@@ -102,6 +102,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from orchestrator.providers import netns  # noqa: E402
 from orchestrator.rates import PRESETS as LINKS  # noqa: E402
 from orchestrator.rates import parse_rate  # noqa: E402
 from worker import qsgd  # noqa: E402
@@ -176,9 +177,11 @@ def features(topology: str, setting: str, m: int, d: int, batch: int, bps: float
 
 
 def queue_bytes(bps: float) -> float:
-    """What a shaped link holds before it drops: the netns backend's tbf queue of 50 ms at
-    the rate and its bucket (``netns.tbf_args``)."""
-    return bps / 8 * 0.05 + max(32 * 1024, bps / 8 / 250)
+    """What a shaped link holds before it drops: the netns backend's tbf queue (its
+    latency at the rate) and its bucket (``netns.tbf_args``)."""
+    tbf = netns.tbf_args(int(bps))
+    latency_s = float(tbf[tbf.index("latency") + 1].removesuffix("ms")) / 1e3
+    return bps / 8 * latency_s + int(tbf[tbf.index("burst") + 1])
 
 
 def star_bytes(up: float, down: float, message: float, bps: float) -> float:

@@ -11,7 +11,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import model, scaling  # noqa: E402
-from orchestrator.providers import netns  # noqa: E402
 
 
 def test_link_bytes_split_the_master_and_a_worker():
@@ -107,10 +106,9 @@ def test_the_fit_recovers_known_constants_and_overlap_exactly(beta):
 
 def test_a_stars_directions_overlap_only_for_messages_that_fit_the_queue():
     bps = 100e6
-    queue = model.queue_bytes(bps)
-    tbf = netns.tbf_args(int(bps))  # the emulated link's own queue: 50 ms and its bucket
-    assert tbf[tbf.index("latency") + 1] == "50ms"
-    assert queue == pytest.approx(bps / 8 * 0.05 + int(tbf[tbf.index("burst") + 1]))
+    queue = model.queue_bytes(bps)  # the emulated link's own: 50 ms and its bucket
+    assert queue == pytest.approx(625_000 + 50_000)
+    assert model.queue_bytes(10e6) == pytest.approx(62_500 + 32 * 1024)
     small, big = 40_000, 40 * queue
     assert model.star_bytes(4 * small, 4 * small, small, bps) == 4 * small  # one direction
     assert model.star_bytes(4 * big, 4 * big, big, bps) == pytest.approx(4 * big * 1.975)
