@@ -165,6 +165,20 @@ def test_sim_bytes_are_the_payloads(m):
     assert chunk < 4 * q.d  # compressed
 
 
+@pytest.mark.parametrize("m", [2, 4, 8, 16])
+def test_the_masters_link_carries_at_most_125_percent_of_one_compressed_gradient(m):
+    """Issue 12's target, from the sim's payloads and the fixed headers every backend adds:
+    the M mean chunks up (a GRADIENT header each) and a plan-less ROUND down per worker."""
+    q = spec(d=10_000, n=0, workers=m, levels=15, bucket_size=128, rounds=3)
+    rows = []
+    run_trial(q, SimPool(), rows.append)
+    one = qsgd.fixed_payload_bytes(q.d, q.levels, q.bucket_size)
+    master = [r.bytes_up + r.bytes_down + m * (protocol.GRADIENT_HEADER + protocol.ROUND_HEADER)
+              for r in rows[1:]]  # round 0's ROUND carries the plan (JSON, once a trial)
+    assert max(master) <= 1.25 * one
+    assert protocol.GRADIENT_HEADER + protocol.ROUND_HEADER == 52
+
+
 def test_the_mean_chunk_is_quantized_from_its_own_generator():
     """The second quantization of chunk j in round r draws from (seed, r, j) alone, so any
     worker that owns the chunk makes the same payload."""

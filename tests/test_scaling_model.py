@@ -1,6 +1,7 @@
 """benchmarks/scaling.py's bytes per link and benchmarks/model.py's cost model, without netns."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -219,3 +220,20 @@ def test_the_command_fits_several_files_and_leaves_out_the_excluded_runs(tmp_pat
                for line in table)
     saved = json.loads((tmp_path / "out.json").read_text())
     assert saved["params"]["beta"] == 0.0 and len(saved["errors"]) == 30
+
+
+def test_master_bytes_measures_real_local_agents(tmp_path, monkeypatch, capsys):
+    from benchmarks import master_bytes
+
+    monkeypatch.chdir(tmp_path)  # the script runs relufit, installed beside this python
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    got = master_bytes.master_bytes(3, 2000, 4, tmp_path)
+    one = model.SETTING_BYTES["s15b128fixed"](2000)
+    # 3 mean chunks with their QSGD headers, a GRADIENT and a plan-less ROUND header each
+    from worker import protocol
+
+    assert one < got <= one + 3 * (protocol.GRADIENT_HEADER + protocol.ROUND_HEADER + 64)
+    monkeypatch.setattr(sys, "argv", ["master_bytes.py", "--workers", "2", "--d", "2000",
+                                      "--rounds", "3"])
+    master_bytes.main()
+    assert "| 2 | " in capsys.readouterr().out

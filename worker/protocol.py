@@ -35,6 +35,13 @@ Conversation (master M, agent A):
     M -> A  STOP       {}                            the run is over: exit 0
     both    ERROR      {message}                     the peer gives up (e.g. version mismatch)
 
+The two messages of every round, GRADIENT and a ROUND that carries no plan (just trial and
+round), have binary headers too (``build`` picks the form, ``parse`` reads both): b"rB", the
+version and a code (1 ROUND, 2 GRADIENT), then for ROUND trial and round (uint32), 12 bytes;
+for GRADIENT a flags byte (1: an epoch follows), 3 pad bytes, trial, round, epoch and the
+three durations in microseconds (uint32), bytes_peer (uint64), 40 bytes. As padded JSON they
+were 56 and 124 bytes: 180 a worker a round on the master's link, 52 now.
+
 Between agents (allreduce; each agent's peer ROUTER, the others' DEALERs), with a binary
 header of PEER_HEADER bytes instead of JSON (``build``, ``parse_peer``): b"rP", the protocol
 version and the type's code (1 byte each), then trial, round, epoch and rank as unsigned
@@ -54,10 +61,11 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-VERSION = 6  # 2: heartbeats on a connection of their own; 3: allreduce (PART, MEAN);
+VERSION = 7  # 2: heartbeats on a connection of their own; 3: allreduce (PART, MEAN);
 # 4: checkpoints (SAVE, STATE, TRIAL resume); 5: GRADIENT's durations as one list of
 # microseconds and tighter padding (the master's link carries 180 header bytes a worker a
-# round, not 248); 6: PART and MEAN headers binary, 20 bytes (were 96 of JSON)
+# round, not 248); 6: PART and MEAN headers binary, 20 bytes (were 96 of JSON); 7: GRADIENT
+# and a plan-less ROUND binary, 40 and 12 bytes (52 a worker a round, not 180)
 
 HELLO = "HELLO"
 WELCOME = "WELCOME"
@@ -83,10 +91,15 @@ MAX_HEADER = 64 * 1024  # bytes; a TRIAL spec or an allgather rank list fits wit
 MAX_RANKS = 4096
 MAX_MESSAGE = 400  # characters of an ERROR message kept
 # GRADIENT headers, and ROUND headers without a rank list (all but allgather's and an
-# allreduce re-plan's), are padded with spaces (valid JSON whitespace) to a fixed size, so a
-# round's framing overhead is a constant: bytes_up = payloads + M * GRADIENT_HEADER.
-GRADIENT_HEADER = 124  # fits trial 999, round 999999, epoch 99, times < 100 s, 1e11 bytes
-ROUND_HEADER = 56  # fits trial 9999, round 9999999
+# allreduce re-plan's), are binary and of a fixed size (module doc), so a round's framing
+# overhead is a constant: bytes_up = payloads + M * GRADIENT_HEADER.
+_BIN_MAGIC = b"rB"
+_ROUND_BIN = struct.Struct("<2sBBII")  # magic, version, code 1, trial, round
+_GRADIENT_BIN = struct.Struct("<2sBBBxxxIIIIIIQ")  # ..., code 2, flags, trial, round, epoch,
+#                                                    the three durations (us), bytes_peer
+GRADIENT_HEADER = _GRADIENT_BIN.size
+ROUND_HEADER = _ROUND_BIN.size
+_US_MAX = 2**32 - 1  # a duration's microseconds in GRADIENT: up to 71 minutes
 # PART and MEAN: the binary header (module doc); bytes_peer = payloads + PEER_HEADER each
 _PEER = struct.Struct("<2sBBIIII")
 PEER_MAGIC = b"rP"
@@ -149,6 +162,8 @@ def build(type_: str, payloads: tuple | list = (), pad: int = 0, **fields: Any) 
             raise ValueError(f"{type_} needs {', '.join(_PEER_FIELDS)} as integers in "
                              f"0..2**32-1: {e}") from None
         return [header, *payloads]
+    if type_ == GRADIENT or (type_ == ROUND and set(fields) == {"trial", "round"}):
+        return [_binary_header(type_, fields), *payloads]
     if type_ not in SCHEMA:
         raise ValueError(f"unknown message type {type_!r}")
     header = json.dumps({"v": VERSION, "type": type_, **fields}, separators=(",", ":"),
@@ -156,6 +171,58 @@ def build(type_: str, payloads: tuple | list = (), pad: int = 0, **fields: Any) 
     if len(header) < pad:
         header += b" " * (pad - len(header))
     return [header, *payloads]
+
+
+def _binary_header(type_: str, fields: dict[str, Any]) -> bytes:
+    """ROUND's or GRADIENT's binary header (module doc); ValueError if a field is missing,
+    unknown or out of range."""
+    try:
+        if type_ == ROUND:
+            return _ROUND_BIN.pack(_BIN_MAGIC, VERSION, 1, fields["trial"], fields["round"])
+        extra = set(fields) - {"trial", "round", "us", "bytes_peer", "epoch"}
+        us = fields["us"]
+        if extra or not (isinstance(us, list) and len(us) == 3):
+            raise ValueError(f"GRADIENT takes trial, round, us (3), bytes_peer and epoch; "
+                             f"got {sorted(fields)}")
+        return _GRADIENT_BIN.pack(_BIN_MAGIC, VERSION, 2, int("epoch" in fields),
+                                  fields["trial"], fields["round"], fields.get("epoch", 0),
+                                  *us, fields["bytes_peer"])
+    except (KeyError, struct.error) as e:
+        raise ValueError(f"{type_}: a field is missing or not an integer in range: {e}") \
+            from None
+
+
+def _parse_binary(raw: bytes, payloads: list[Any], max_payload: int | None) -> Message:
+    """A ROUND's or GRADIENT's binary header (``raw`` starts with its magic) and payloads."""
+    if len(raw) < 4:
+        raise ProtocolError(f"binary header of {len(raw)} bytes")
+    if raw[2] != VERSION:
+        raise VersionMismatch(raw[2])
+    if raw[3] == 1 and len(raw) == ROUND_HEADER:
+        _, _, _, trial, round_ = _ROUND_BIN.unpack(raw)
+        type_, header = ROUND, {"trial": trial, "round": round_}
+    elif raw[3] == 2 and len(raw) == GRADIENT_HEADER:
+        _, _, _, flags, trial, round_, epoch, *us, bytes_peer = _GRADIENT_BIN.unpack(raw)
+        if flags > 1:
+            raise ProtocolError(f"GRADIENT flags {flags}")
+        type_ = GRADIENT
+        header = {"trial": trial, "round": round_, "us": us, "bytes_peer": bytes_peer,
+                  **({"epoch": epoch} if flags else {})}
+    else:
+        raise ProtocolError(f"binary header of code {raw[3]} and {len(raw)} bytes")
+    _check_payloads(type_, payloads, max_payload)
+    return Message(type_, {"v": VERSION, "type": type_, **header}, list(payloads), len(raw))
+
+
+def _check_payloads(type_: str, payloads: list[Any], max_payload: int | None) -> None:
+    """As many payload frames as ``type_`` may carry, none over ``max_payload`` bytes."""
+    lo, hi = PAYLOADS.get(type_, (0, 0))
+    if not lo <= len(payloads) <= hi:
+        raise ProtocolError(f"{type_} carries {len(payloads)} payload frames, expected {lo}..{hi}")
+    if max_payload is not None:
+        for p in payloads:
+            if _length(p) > max_payload:
+                raise ProtocolError(f"payload of {_length(p)} bytes exceeds {max_payload}")
 
 
 def parse(frames: list[Any], max_payload: int | None = None) -> Message:
@@ -166,6 +233,8 @@ def parse(frames: list[Any], max_payload: int | None = None) -> Message:
     if _length(frames[0]) > MAX_HEADER:
         raise ProtocolError(f"header of {_length(frames[0])} bytes exceeds {MAX_HEADER}")
     raw = _bytes(frames[0])
+    if raw[:2] == _BIN_MAGIC:
+        return _parse_binary(raw, frames[1:], max_payload)
     try:
         header = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
@@ -182,13 +251,7 @@ def parse(frames: list[Any], max_payload: int | None = None) -> Message:
     for name, kind in SCHEMA[type_].items():
         _check_field(header, name, kind)
     payloads = frames[1:]
-    lo, hi = PAYLOADS.get(type_, (0, 0))
-    if not lo <= len(payloads) <= hi:
-        raise ProtocolError(f"{type_} carries {len(payloads)} payload frames, expected {lo}..{hi}")
-    if max_payload is not None:
-        for p in payloads:
-            if _length(p) > max_payload:
-                raise ProtocolError(f"payload of {_length(p)} bytes exceeds {max_payload}")
+    _check_payloads(type_, payloads, max_payload)
     _check_extras(type_, header, len(payloads))
     return Message(type_, header, list(payloads), _length(frames[0]))
 
@@ -284,7 +347,7 @@ def valid_peer_host(host: Any) -> bool:
 def microseconds(*durations: float) -> list[int]:
     """Durations in seconds as GRADIENT's ``us`` carries them: whole microseconds, so the
     header stays short."""
-    return [max(0, round(t * 1e6)) for t in durations]
+    return [min(_US_MAX, max(0, round(t * 1e6))) for t in durations]
 
 
 def durations(msg: Message) -> tuple[float, ...]:
