@@ -82,7 +82,9 @@ The prediction then sets cores = M + 1 (one core per worker and one for the mast
 EC2), no dropped packets, and the nominal rates of the netns backend's dated EC2 presets.
 c_call and mu are this machine's crowded figures (9 processes on 2 cores at M = 8), so the
 predictions are pessimistic for relufit where calls and messages dominate (large M, fast
-links).
+links); a second table puts them at what they cost alone (``--measure``: a codec call on
+one bucket ~50 us, a message in a burst of 14 ~9 us a side; ``--alone-call-us``,
+``--alone-mu-us``), which is optimistic. The two bracket a core per process.
 
 Rounds to 1e-6 for the predictions: the measured (sim) rounds at the largest measured M are
 used for every larger M (more workers, a larger global batch, no more rounds: a conservative
@@ -118,6 +120,7 @@ BETAS = tuple(i / 10 for i in range(11))
 # a longer message goes by rendezvous, in fragments of 128 kB each sent from the rank's own
 # progress loop
 MPI_EAGER = 65_536
+BURST = 14  # messages an M = 8 allreduce worker sends in a round (7 parts, 7 means)
 PACKET = 1514  # bytes of a full Ethernet frame: what a dropped packet costs to send again
 
 
@@ -332,6 +335,10 @@ def main() -> None:
                    help="quantize + encode per coordinate (--measure; nan: fitted)")
     p.add_argument("--dec-ns", type=float, default=4.6,
                    help="decode + dequantize per coordinate (--measure; nan: fitted)")
+    p.add_argument("--alone-call-us", type=float, default=50.0,
+                   help="a codec call alone, for the second prediction (--measure)")
+    p.add_argument("--alone-mu-us", type=float, default=8.9,
+                   help="a message alone, for the second prediction (--measure)")
     p.add_argument("--batch", type=int, default=128, help="per worker, at d = 1e4")
     p.add_argument("--big-batch", type=int, default=16, help="per worker, at d = 1e6")
     p.add_argument("--check", type=Path, nargs="+", default=[],
@@ -341,7 +348,8 @@ def main() -> None:
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     if args.measure:
-        print(", ".join(f"{k} = {v:.3g}" for k, v in measure_alone().items()))
+        got = {**measure_alone(), **measure_calls_alone()}
+        print(", ".join(f"{k} = {v:.3g}" for k, v in got.items()))
         return
     if not args.rows:
         p.error("give the rows to fit (benchmarks/scaling.py --json files), or --measure")
@@ -383,12 +391,72 @@ def main() -> None:
     print()
     for line in verdicts(pred):
         print(line)
+    # the same with a codec call and a message at what they cost alone: the fitted figures
+    # are this machine's crowded ones, so the two tables bracket a core per process
+    alone = x.copy()
+    alone[[PARAMS.index("call_us"), PARAMS.index("mu_us")]] = args.alone_call_us, args.alone_mu_us
+    pred_alone = predict(alone, beta, rows, args.batch)
+    print(f"\nWith a codec call at {args.alone_call_us:g} us and a message at "
+          f"{args.alone_mu_us:g} us, as alone (--measure), instead of the fitted "
+          f"{x[PARAMS.index('call_us')]:.0f} and {x[PARAMS.index('mu_us')]:.0f}:\n")
+    for line in verdicts(pred_alone):
+        print(line)
     if args.plot:
         plot(pred, args.plot)
     if args.json:
         args.json.write_text(json.dumps({"params": {**dict(zip(PARAMS, x.tolist(), strict=True)),
                                                     "beta": beta},
-                                         "errors": errs, "predictions": pred}, indent=1))
+                                         "errors": errs, "predictions": pred,
+                                         "predictions_alone": pred_alone}, indent=1))
+
+
+def measure_calls_alone(repeats: int = 15, n: int = 2000) -> dict[str, float]:
+    """Medians, us, of a codec call and of a message, each alone in this process: a call is
+    the mean of the four an `allreduce` round makes (quantize, encode, decode, dequantize)
+    on one bucket of 128 coordinates, where the per-coordinate work is nothing; a message
+    is a PART of 820 bytes through a real DEALER -> ROUTER pair over loopback TCP, sent in
+    bursts of 14 (an M = 8 worker's parts and means) and then received: half of its send +
+    receive + parse (the model counts a message once for each side)."""
+    import time
+
+    import zmq
+
+    from worker import protocol
+
+    rng = np.random.default_rng(0)
+    g = rng.standard_normal(128)
+    ctx = zmq.Context()
+    router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    try:
+        for s in (router, dealer):
+            s.setsockopt(zmq.LINGER, 0)
+        port = router.bind_to_random_port("tcp://127.0.0.1")
+        dealer.connect(f"tcp://127.0.0.1:{port}")
+        frames = protocol.build(protocol.PART, [b"\0" * 820], trial=0, round=0, epoch=0,
+                                rank=1)
+        dealer.send_multipart(frames)
+        router.recv_multipart()  # connected
+        calls, msgs = [], []
+        for i in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(n // 4):
+                q = qsgd.quantize(g, 15, np.random.default_rng(i), 128)
+                qsgd.dequantize(qsgd.decode(qsgd.encode(q, "fixed")))
+            t1 = time.perf_counter()
+            for _ in range(n // BURST):  # as a round sends them: a burst, then its answers
+                for _ in range(BURST):
+                    dealer.send_multipart(protocol.build(
+                        protocol.PART, [b"\0" * 820], trial=0, round=i, epoch=0, rank=1))
+                for _ in range(BURST):
+                    protocol.parse_peer(router.recv_multipart(copy=False)[1:])
+            t2 = time.perf_counter()
+            calls.append((t1 - t0) / n * 1e6)  # n // 4 rounds of four calls
+            msgs.append((t2 - t1) / (n // BURST * BURST) / 2 * 1e6)
+    finally:
+        router.close()
+        dealer.close()
+        ctx.term()
+    return {"call_us": float(np.median(calls)), "mu_us": float(np.median(msgs))}
 
 
 def error_line(errs: list[dict], what: str) -> str:

@@ -164,6 +164,11 @@ def test_other_runs_are_checked_only_where_their_drops_are_known_or_none():
         ("allreduce", 8, None), ("broadcast", 2, None), ("broadcast", 8, 100.0)]
 
 
+def test_a_codec_call_and_a_message_are_timed_alone():
+    got = model.measure_calls_alone(repeats=2, n=4 * model.BURST)
+    assert set(got) == {"call_us", "mu_us"} and all(0 < v < 1e5 for v in got.values())
+
+
 def test_the_pinned_constants_are_timed_alone():
     got = model.measure_alone(d=20_000, batch=4, repeats=3)
     assert set(got) == {"enc_ns", "dec_ns", "draw_ns", "delta_ns"}
@@ -215,7 +220,8 @@ def test_the_command_fits_several_files_and_leaves_out_the_excluded_runs(tmp_pat
     assert "largest error 0% over 15 rows of other runs (15 within 20%)" in out
     table = [line for line in out.splitlines() if line.startswith("| c5")
              and line.count("|") == len(model.MS) + 4]  # preset, d, each M, where
-    assert len(table) == 2 * len(model.PRESETS)
+    assert len(table) == 2 * 2 * len(model.PRESETS)  # fitted, and with the alone costs
+    assert "With a codec call at 50 us and a message at 8.9 us" in out
     assert all(line.rstrip(" |").split("| ")[-1] == "nowhere" or "M = " in line
                for line in table)
     saved = json.loads((tmp_path / "out.json").read_text())
