@@ -76,6 +76,14 @@ def sweep_toml(names: list[str]) -> str:
     return "[" + ", ".join(rows) + "]"
 
 
+def set_options(topology: str, setting: str) -> list[str]:
+    """``relufit run --set`` options that give ``experiment``'s file a topology and one
+    setting of SETTINGS."""
+    sets = [f"cluster.topology={topology}",
+            *(f"compress.{k}={v}" for k, v in SETTINGS[setting].items())]
+    return [a for s in sets for a in ("--set", s)]
+
+
 def experiment(d: int, n: int, batch: int, lr: float, rounds: int, target: float,
                workers: int) -> str:
     return f"""name = "bwbench"

@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bandwidth import SETTINGS, experiment, relufit  # noqa: E402
+from benchmarks.bandwidth import SETTINGS, experiment, relufit, set_options  # noqa: E402
 from orchestrator.results import load_run  # noqa: E402
 from worker import qsgd  # noqa: E402
 
@@ -32,10 +32,8 @@ def master_bytes(m: int, d: int, rounds: int, tmp: Path) -> float:
     """The median bytes a round on the master's link, rounds 1 on, with ``m`` local agents."""
     exp = tmp / f"m{m}.toml"
     exp.write_text(experiment(d, 0, 16, 1e-4, rounds, 0, m))
-    sets = ["cluster.topology=allreduce",
-            *(f"compress.{k}={v}" for k, v in SETTINGS[SETTING].items())]
     stdout = relufit("run", str(exp), "--out", str(tmp / "results"),
-                     *(a for s in sets for a in ("--set", s)))
+                     *set_options("allreduce", SETTING))
     (trial,) = load_run(stdout.strip().splitlines()[-1])["trials"]
     mt = trial["metrics"]
     return float(np.median((mt["bytes_up"] + mt["bytes_down"])[1:]))

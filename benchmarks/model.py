@@ -97,6 +97,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -361,7 +362,7 @@ def main() -> None:
         r.setdefault("n", 1 if r["d"] <= 10_000 else 0)
     pinned = {PARAMS.index("delta_ns"): args.delta_ns}
     for name in ("draw_ns", "enc_ns", "dec_ns"):
-        if getattr(args, name) == getattr(args, name):  # float("nan"): fitted
+        if not math.isnan(getattr(args, name)):  # nan: fitted
             pinned[PARAMS.index(name)] = getattr(args, name)
     x, beta, errs = fit_rows(rows, args.cores, pinned)
     print("fitted: " + ", ".join(f"{k} = {v:.4g}" for k, v in zip(PARAMS, x, strict=True))

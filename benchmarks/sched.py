@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bandwidth import SETTINGS, experiment  # noqa: E402
+from benchmarks.bandwidth import experiment, set_options  # noqa: E402
 from worker.node import SCHED_ENV  # noqa: E402
 
 SETTING = "s15b128fixed"
@@ -56,13 +56,6 @@ def cpu_s(root: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def overrides(args: argparse.Namespace) -> list[str]:
-    """``relufit run --set`` options that make bandwidth.py's experiment this benchmark's."""
-    sets = [f"cluster.topology={args.topology}",
-            *(f"compress.{k}={v}" for k, v in SETTINGS[SETTING].items())]
-    return [a for s in sets for a in ("--set", s)]
-
-
 def one_run(exp: Path, out: Path, env: dict[str, str], args: argparse.Namespace,
             cwd: Path | None = None) -> tuple[float, float]:
     """(median round s, CPU s per round) of one run with ``env`` added to the environment,
@@ -70,7 +63,7 @@ def one_run(exp: Path, out: Path, env: dict[str, str], args: argparse.Namespace,
     before = set(out.iterdir())
     with open(out.parent / "relufit.log", "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", str(exp),
-                                 "--out", str(out), *overrides(args)],
+                                 "--out", str(out), *set_options(args.topology, SETTING)],
                                 env=dict(os.environ, **env), cwd=cwd,
                                 stdout=subprocess.DEVNULL, stderr=log)
     try:

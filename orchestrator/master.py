@@ -208,10 +208,11 @@ class ZmqPool:
         self.round = rnd
         ranks = [rep.rank for rep in relay]
         bytes_down = 0
+        plain = None if down is None else protocol.build(  # the same for every worker
+            protocol.ROUND, [down], pad=protocol.ROUND_HEADER, trial=spec.trial, round=round_)
         for w in members:
-            if down is not None:
-                frames = protocol.build(protocol.ROUND, [down], pad=protocol.ROUND_HEADER,
-                                        trial=spec.trial, round=round_)
+            if plain is not None:
+                frames = plain
             else:
                 others = [rep.payload for rep in relay if rep.rank != w.rank]
                 frames = protocol.build(protocol.ROUND, others, trial=spec.trial,

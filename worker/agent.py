@@ -610,9 +610,9 @@ class Agent:
             _, _, parts, res, apply_s = result
             ar.stats = {"compute_s": res.compute_s, "encode_s": res.encode_s,
                         "apply_s": apply_s, "bytes_peer": 0}
-            for owner, part in zip(ar.members, parts, strict=True):
-                if owner != self.rank and len(part):
-                    ar.stats["bytes_peer"] += self._to_peer(owner, protocol.PART, part)
+            ar.stats["bytes_peer"] += self._to_peers(protocol.PART, [
+                (owner, part) for owner, part in zip(ar.members, parts, strict=True)
+                if owner != self.rank and len(part)])
             lo, hi = ar.bounds[ar.members.index(self.rank)]
             if hi == lo:  # no chunk of ours this round: nothing to reduce
                 self._report(b"")
@@ -621,17 +621,18 @@ class Agent:
         else:
             _, _, mean, reduce_s = result
             ar.stats["encode_s"] += reduce_s
-            for m in ar.members:
-                if m != self.rank:
-                    ar.stats["bytes_peer"] += self._to_peer(m, protocol.MEAN, mean)
+            ar.stats["bytes_peer"] += self._to_peers(
+                protocol.MEAN, [(m, mean) for m in ar.members if m != self.rank])
             self._report(mean)
         self._advance()
 
-    def _to_peer(self, rank: int, type_: str, payload: bytes) -> int:
+    def _to_peers(self, type_: str, sends: list[tuple[int, bytes]]) -> int:
+        """Each (rank, payload) as a ``type_`` message; the bytes sent. The header is the
+        same for every peer of a phase: built once."""
         ar = self.ar
-        return self.peers.send(rank, protocol.build(
-            type_, [payload], trial=self.spec.trial, round=ar.round, epoch=ar.epoch,
-            rank=self.rank))
+        header = protocol.build(type_, trial=self.spec.trial, round=ar.round, epoch=ar.epoch,
+                                rank=self.rank)[0]
+        return sum(self.peers.send(rank, [header, payload]) for rank, payload in sends)
 
     def _report(self, mean: bytes) -> None:
         """Our GRADIENT to the master: our mean chunk and the round's figures."""
